@@ -1,0 +1,348 @@
+"""Typed, documented run configuration (jsonargparse over dataclasses).
+
+One YAML drives a run; every field is documented where it is declared (the docstring under it), which is what
+`launch/train.py --help` shows. Dotted CLI overrides (`--loss.alpha 0.5`) follow the YAML. jsonargparse rejects
+unknown keys and wrong types; `validate()` then checks the semantics in one pass and raises a single `ConfigError`
+listing every problem with its key and the fix.
+
+The key names marked "contract" in the README are relied on by scripts outside the repository: never rename them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional
+
+from .errors import ConfigError
+
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tv")
+IMPLS = ("full", "chunked", "topk")
+FORMATS = ("text", "guanaco", "instruction", "chat")
+
+
+@dataclass
+class TeacherConfig:
+    path: Optional[str] = None
+    """Local Hugging Face directory of the teacher (safetensors). Required when loss.alpha > 0, unless teacher.cache
+    is given. Omit it for CE-only training (loss.alpha = 0)."""
+    cache: Optional[str] = None
+    """Directory written by launch/cache_teacher.py holding the teacher's top-k per position. When set, no teacher
+    model is loaded and the top-k loss is used with the cached distributions."""
+    ds_config: str = "ds_configs/teacher_zero3.json"
+    """DeepSpeed JSON config of the teacher's inference engine (ZeRO-3, no optimizer)."""
+    offload_params: bool = False
+    """Offload the teacher's parameters to CPU memory (ZeRO-Infinity): a teacher larger than the GPUs' free memory
+    still runs, at the cost of host-to-device copies of every layer on every forward."""
+    trust_remote_code: bool = False
+    """Allow the teacher directory's custom Python code to run. Off by default: only enable for code you trust."""
+    allow_pickle_weights: bool = False
+    """Accept a directory that only has pickle (*.bin) weights. Unpickling runs arbitrary code: keep off unless the
+    directory is trusted; prefer converting it to safetensors."""
+
+
+@dataclass
+class LoraConfig:
+    rank: int = 0
+    """LoRA rank; 0 disables LoRA and trains every student weight."""
+    alpha: float = 16.0
+    """LoRA scaling numerator (the update is scaled by alpha / rank)."""
+    dropout: float = 0.0
+    """Dropout on the LoRA input."""
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    """Names of the student's linear modules that get adapters."""
+    save_adapter: bool = True
+    """Also save the adapter alone (output_dir/final_adapter) next to the merged export."""
+
+
+@dataclass
+class StudentConfig:
+    path: Optional[str] = None
+    """Local Hugging Face directory of the student's initial weights (safetensors). Required."""
+    trust_remote_code: bool = False
+    """Allow the student directory's custom Python code to run. Off by default."""
+    allow_pickle_weights: bool = False
+    """Accept pickle-only (*.bin) weights for the student (see teacher.allow_pickle_weights)."""
+    activation_checkpointing: bool = False
+    """Recompute each decoder layer's activations in backward instead of storing them (less memory, ~30% slower)."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """LoRA adapters on the student (through peft); only the adapter weights train when lora.rank > 0."""
+
+
+@dataclass
+class DataConfig:
+    train_files: list[str] = field(default_factory=list)
+    """Training files: local json / jsonl / parquet / txt (one example per line for txt). Required."""
+    eval_files: list[str] = field(default_factory=list)
+    """Held-out files in the same format, used by eval.every_steps and the final report. Optional."""
+    format: Literal["text", "guanaco", "instruction", "chat"] = "text"
+    """text: plain LM on every token. guanaco: '### Human: ... ### Assistant: ...' text, trained on assistant turns.
+    instruction: instruction/input/output fields (or 'Instruction:'/'Response:' text), trained on the response.
+    chat: a 'messages' list rendered with the tokenizer's chat template, trained on assistant messages."""
+    text_field: str = "text"
+    """Field holding the text for the text and guanaco formats (and instruction data stored as one text)."""
+    max_length: int = 512
+    """Sequences are truncated to this many tokens."""
+
+
+@dataclass
+class LossConfig:
+    alpha: float = 0.5
+    """Weight of the KD term: total = alpha * T^2 * divergence + (1 - alpha) * CE. 0 = CE only (no teacher needed)."""
+    temperature: float = 1.0
+    """Softmax temperature applied to both teacher and student in the KD term (CE always uses T = 1)."""
+    divergence: Literal["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tv"] = "forward_kl"
+    """forward_kl = KL(teacher || student); reverse_kl = KL(student || teacher); jsd = generalised JSD with loss.beta;
+    skew_forward_kl / skew_reverse_kl = DistiLLM skew KL with loss.skew_lambda; tv = total variation."""
+    impl: Literal["full", "chunked", "topk"] = "chunked"
+    """full: reference, builds [tokens, V] logits (small vocabularies, tests). chunked: exact, never more than
+    loss.chunk_size x V at once. topk: the teacher's top loss.top_k tokens per position (+ tail mass)."""
+    chunk_size: int = 1024
+    """Tokens per chunk for the chunked and topk losses; memory ~ chunk_size x V x 4 bytes x a few buffers."""
+    top_k: int = 64
+    """Teacher tokens kept per position by loss.impl = topk."""
+    beta: float = 0.5
+    """Interpolation weight of the generalised JSD (loss.divergence = jsd)."""
+    skew_lambda: float = 0.1
+    """Skew of DistiLLM's skew KL: the student side is mixed as lambda * p + (1 - lambda) * q."""
+
+
+@dataclass
+class TrainConfig:
+    micro_batch_size: int = 4
+    """Sequences per rank per forward."""
+    grad_accum_steps: int = 1
+    """Micro-batches per rank per optimizer step."""
+    global_batch_size: Optional[int] = None
+    """Optional check: when set it must equal micro_batch_size x grad_accum_steps x world size."""
+    lr: float = 1e-4
+    """Peak learning rate of AdamW."""
+    min_lr_ratio: float = 0.1
+    """The cosine schedule decays to lr * min_lr_ratio at train.max_steps."""
+    warmup_steps: int = 0
+    """Linear warmup steps before the cosine decay."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    """AdamW betas."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value; 0 disables clipping."""
+    max_steps: int = 100
+    """Optimizer steps to run."""
+    seed: int = 0
+    """Seed for data order, initialisation of new weights (LoRA) and dropout."""
+    zero_stage: Literal[0, 1, 2, 3] = 3
+    """ZeRO stage of the student engine: 3 partitions parameters, gradients and optimizer states."""
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """auto = bf16 on GPUs, fp32 on CPU (bf16 matmuls are emulated on most CPUs and ~300x slower)."""
+    offload_optimizer: bool = False
+    """Keep the optimizer states in CPU memory (ZeRO-Offload)."""
+    nonfinite: Literal["abort", "skip"] = "abort"
+    """On a non-finite loss or grad norm: abort (save the last good weights and exit) or skip the step."""
+    max_skipped_steps: int = 10
+    """With train.nonfinite = skip, abort after this many skipped steps."""
+    watchdog_timeout_s: float = 1800.0
+    """A collective stuck longer than this raises an error with each rank's stack; 0 disables the watchdog."""
+    log_every: int = 1
+    """Write metrics every N optimizer steps."""
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 0
+    """Save a DeepSpeed checkpoint every N optimizer steps (0 = only at the end and on SIGTERM)."""
+    keep_last: int = 2
+    """Keep the newest N complete checkpoints."""
+    resume: str = "auto"
+    """auto: continue from output_dir's latest complete checkpoint if there is one. never: start fresh.
+    A path: resume from that checkpoint directory."""
+
+
+@dataclass
+class EvalConfig:
+    every_steps: int = 0
+    """Evaluate on data.eval_files every N steps (0 = only at the end, if eval files are given)."""
+    max_batches: int = 0
+    """Cap the number of eval micro-batches per rank (0 = the whole eval set)."""
+
+
+@dataclass
+class WandbConfig:
+    mode: Literal["online", "offline", "disabled"] = "disabled"
+    """online: stream to the W&B server (WANDB_API_KEY from the environment). offline: write locally under
+    output_dir/wandb (sync later with `wandb sync`). disabled: no W&B."""
+    project: str = "ds_distill"
+    """W&B project."""
+    run_name: Optional[str] = None
+    """W&B run name (default: the output_dir's name)."""
+    entity: Optional[str] = None
+    """W&B entity (team or user)."""
+
+
+@dataclass
+class DistillConfig:
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    """Teacher model (inference only)."""
+    student: StudentConfig = field(default_factory=StudentConfig)
+    """Student model (trained)."""
+    tokenizer_path: Optional[str] = None
+    """Tokenizer directory (default: teacher.path, else student.path)."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Training and evaluation data."""
+    loss: LossConfig = field(default_factory=LossConfig)
+    """Distillation loss."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Optimisation."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Checkpointing and resume."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Evaluation during training."""
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    """Weights & Biases logging."""
+    output_dir: str = "outputs/run"
+    """Where checkpoints, metrics.jsonl, the final export and the report go."""
+    overwrite_output_dir: bool = False
+    """Allow starting a fresh run in an output_dir that holds a different run (its files are replaced)."""
+    ds_config_overrides: dict[str, Any] = field(default_factory=dict)
+    """Extra keys merged into the student's generated DeepSpeed config (advanced; e.g. zero_optimization buckets)."""
+
+    @property
+    def resolved_tokenizer_path(self) -> Optional[str]:
+        return self.tokenizer_path or self.teacher.path or self.student.path
+
+
+def validate(cfg: DistillConfig, world_size: Optional[int] = None) -> None:
+    """Check the config's semantics in one pass; raise one ConfigError naming every bad key and its fix."""
+    p: list[str] = []
+    L, T, D = cfg.loss, cfg.train, cfg.data
+    if cfg.student.path is None:
+        p.append("student.path: required -> set it to a local Hugging Face model directory")
+    if not 0.0 <= L.alpha <= 1.0:
+        p.append(f"loss.alpha: {L.alpha} is outside [0, 1] -> use 0 for CE only, 1 for KD only")
+    if L.alpha > 0 and cfg.teacher.path is None and cfg.teacher.cache is None:
+        p.append(f"loss.alpha: {L.alpha} > 0 needs a teacher -> set teacher.path (or teacher.cache), "
+                 "or loss.alpha: 0 for CE-only training")
+    if cfg.teacher.path is not None and cfg.teacher.cache is not None:
+        p.append("teacher.cache: set together with teacher.path -> give one of them (the cache replaces the model)")
+    if cfg.teacher.cache is not None and L.impl != "topk":
+        p.append(f"loss.impl: '{L.impl}' cannot use teacher.cache (it holds only the top-k) -> set loss.impl: topk")
+    if L.temperature <= 0:
+        p.append(f"loss.temperature: {L.temperature} must be > 0 -> typical values are 1.0-4.0")
+    if L.chunk_size <= 0:
+        p.append(f"loss.chunk_size: {L.chunk_size} must be > 0 -> e.g. 1024")
+    if L.top_k <= 0:
+        p.append(f"loss.top_k: {L.top_k} must be > 0 -> e.g. 64")
+    if not 0.0 <= L.beta <= 1.0:
+        p.append(f"loss.beta: {L.beta} must be in [0, 1]")
+    if not 0.0 <= L.skew_lambda <= 1.0:
+        p.append(f"loss.skew_lambda: {L.skew_lambda} must be in [0, 1]")
+    if not D.train_files:
+        p.append("data.train_files: empty -> list at least one local json/jsonl/parquet/txt file")
+    for key, files in (("data.train_files", D.train_files), ("data.eval_files", D.eval_files)):
+        for f in files:
+            if not os.path.isfile(f):
+                p.append(f"{key}: '{f}' does not exist -> check the path (relative paths are from the cwd)")
+    if D.max_length < 2:
+        p.append(f"data.max_length: {D.max_length} must be >= 2 (one input and one target token)")
+    for key, v in (("train.micro_batch_size", T.micro_batch_size), ("train.grad_accum_steps", T.grad_accum_steps),
+                   ("train.max_steps", T.max_steps)):
+        if v <= 0:
+            p.append(f"{key}: {v} must be > 0")
+    if T.lr <= 0:
+        p.append(f"train.lr: {T.lr} must be > 0")
+    if T.warmup_steps < 0:
+        p.append(f"train.warmup_steps: {T.warmup_steps} must be >= 0")
+    if not 0.0 <= T.min_lr_ratio <= 1.0:
+        p.append(f"train.min_lr_ratio: {T.min_lr_ratio} must be in [0, 1]")
+    if T.grad_clip < 0:
+        p.append(f"train.grad_clip: {T.grad_clip} must be >= 0 (0 disables clipping)")
+    if len(T.betas) != 2:
+        p.append(f"train.betas: {T.betas} must have two values, e.g. [0.9, 0.95]")
+    if T.global_batch_size is not None and world_size is not None:
+        expect = T.micro_batch_size * T.grad_accum_steps * world_size
+        if T.global_batch_size != expect:
+            p.append(f"train.global_batch_size: {T.global_batch_size} != train.micro_batch_size "
+                     f"({T.micro_batch_size}) x train.grad_accum_steps ({T.grad_accum_steps}) x world size "
+                     f"({world_size}) = {expect} -> fix one of them or drop train.global_batch_size")
+    if T.max_skipped_steps < 0:
+        p.append(f"train.max_skipped_steps: {T.max_skipped_steps} must be >= 0")
+    if T.watchdog_timeout_s < 0:
+        p.append(f"train.watchdog_timeout_s: {T.watchdog_timeout_s} must be >= 0 (0 disables)")
+    if cfg.checkpoint.every_steps < 0:
+        p.append(f"checkpoint.every_steps: {cfg.checkpoint.every_steps} must be >= 0")
+    if cfg.checkpoint.keep_last < 1:
+        p.append(f"checkpoint.keep_last: {cfg.checkpoint.keep_last} must be >= 1")
+    r = cfg.checkpoint.resume
+    if r not in ("auto", "never") and not os.path.isdir(r):
+        p.append(f"checkpoint.resume: '{r}' is not 'auto', 'never' or an existing checkpoint directory")
+    if cfg.eval.every_steps < 0:
+        p.append(f"eval.every_steps: {cfg.eval.every_steps} must be >= 0")
+    if cfg.eval.every_steps > 0 and not D.eval_files:
+        p.append("eval.every_steps: > 0 but data.eval_files is empty -> add eval files or set eval.every_steps: 0")
+    if cfg.student.lora.rank < 0:
+        p.append(f"student.lora.rank: {cfg.student.lora.rank} must be >= 0")
+    for key, path in (("teacher.path", cfg.teacher.path), ("student.path", cfg.student.path),
+                      ("tokenizer_path", cfg.tokenizer_path), ("teacher.cache", cfg.teacher.cache)):
+        if path is not None and not os.path.isdir(path):
+            p.append(f"{key}: '{path}' is not a directory -> give a local model directory (no hub downloads)")
+    if cfg.teacher.path is not None and not os.path.isfile(cfg.teacher.ds_config):
+        p.append(f"teacher.ds_config: '{cfg.teacher.ds_config}' does not exist -> e.g. ds_configs/teacher_zero3.json")
+    if p:
+        raise ConfigError(p)
+
+
+def to_dict(cfg: DistillConfig) -> dict:
+    """Plain dict of the resolved config (for saving next to the export and for W&B). Holds no secrets: the W&B
+    key is only ever read from the environment, never from the config."""
+    return dataclasses.asdict(cfg)
+
+
+def build_parser(description: str = "Distil a teacher LLM into a student on DeepSpeed."):
+    """jsonargparse parser over DistillConfig: --config FILE, dotted overrides, --print_config, --help."""
+    from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
+
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)
+    parser = ArgumentParser(description=description, exit_on_error=False, default_env=False)
+    parser.add_argument("--config", action=ActionConfigFile, help="YAML file with the run's configuration.")
+    # The deepspeed launcher appends --local_rank=N; the rank itself is read from the environment.
+    parser.add_argument("--local_rank", type=int, default=-1, help="Set by the deepspeed launcher; ignored.")
+    parser.add_class_arguments(DistillConfig, nested_key=None, fail_untyped=True, sub_configs=True)
+    return parser
+
+
+def parse_config(argv: Optional[list[str]] = None) -> DistillConfig:
+    """Parse argv into a DistillConfig. Unknown keys and wrong types become one ConfigError naming the key."""
+    parser = build_parser()
+    try:
+        ns = parser.parse_args(argv)
+    except Exception as e:  # jsonargparse raises ArgumentError / ValueError with the offending key in its text
+        raise ConfigError([str(e).strip().replace("\n", " ")]) from None
+    return _from_namespace(ns)
+
+
+def _from_namespace(ns) -> DistillConfig:
+    d = ns.as_dict()
+    d.pop("config", None)
+    d.pop("local_rank", None)
+    kw = {}
+    for f in dataclasses.fields(DistillConfig):
+        if f.name not in d:
+            continue
+        v = d[f.name]
+        sub = f.default_factory() if f.default_factory is not dataclasses.MISSING else None  # type: ignore[misc]
+        if dataclasses.is_dataclass(sub):
+            kw[f.name] = _build(type(sub), v)
+        else:
+            kw[f.name] = v
+    return DistillConfig(**kw)
+
+
+def _build(cls, d: dict):
+    kw = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in d:
+            continue
+        v = d[f.name]
+        sub = f.default_factory() if f.default_factory is not dataclasses.MISSING else None  # type: ignore[misc]
+        kw[f.name] = _build(type(sub), v) if dataclasses.is_dataclass(sub) and isinstance(v, dict) else v
+    return cls(**kw)
