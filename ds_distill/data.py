@@ -237,8 +237,8 @@ def _chat_spans(messages: list[dict], tokenizer) -> tuple[str, list[tuple[int, i
     """The rendered conversation and the [start, end) character spans to train: assistant contents + end tokens.
 
     For assistant message i the content is located right after the rendering of messages[:i] with the generation
-    prompt when that is a prefix of the whole (the usual case); otherwise (templates that rewrite earlier turns)
-    it is searched for after the previous span. The end tokens are what the template writes after the content when
+    prompt when that is a prefix of the whole (the usual case); otherwise (templates that insert a think block or
+    rewrite earlier turns) it is searched for after the previous span and the part shared with that rendering. The end tokens are what the template writes after the content when
     the conversation stops there (messages[:i+1]), minus trailing whitespace, as far as the whole rendering agrees.
     """
     def render(msgs, gen=False):
@@ -259,7 +259,10 @@ def _chat_spans(messages: list[dict], tokenizer) -> tuple[str, list[tuple[int, i
         if prefix is not None and full.startswith(prefix) and full.startswith(content, len(prefix)):
             pos = len(prefix)
         else:
-            pos = full.find(content, cursor) if content else -1
+            # e.g. Qwen3 writes '<think>...</think>' between the generation prompt and the content: search, but
+            # not before the part the conversation shares with its own prefix (the content may repeat a question)
+            start = max(cursor, os.path.commonprefix([prefix, full]).__len__() if prefix is not None else 0)
+            pos = full.find(content, start) if content else -1
         if pos < 0:
             raise ValueError(f"the chat template does not reproduce assistant message {i} verbatim")
         end = pos + len(content)

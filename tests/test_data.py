@@ -239,6 +239,26 @@ def test_chat_template_that_rewrites_content_is_a_data_error(tok, tmp_path):
         build_dataset([f], "chat", tok2, max_length=64)
 
 
+def test_chat_template_with_think_block_masks_it_and_finds_content_after_prompt(tok, tmp_path):
+    import copy
+    tok2 = copy.deepcopy(tok)
+    # Qwen3-like: the last assistant turn gets an empty think block the generation prompt does not have
+    tok2.chat_template = tok.chat_template.replace(
+        "'\n' + message['content']",
+        "'\n' + ('<think>\n\n</think>\n\n' if (loop.last and message['role'] == 'assistant') else '') "
+        "+ message['content']")
+    msgs = [{"role": "user", "content": "Is it yes?"}, {"role": "assistant", "content": "yes"}]
+    rendered = tok2.apply_chat_template(msgs, tokenize=False)
+    assert "<think>" in rendered
+    f = write_jsonl(tmp_path / "c.jsonl", [{"messages": msgs}])
+    r = build_dataset([f], "chat", tok2, max_length=128)[0]
+    assert r["input_ids"] == enc(tok, rendered)
+    assert tok.decode([t for t in r["labels"] if t != M]) == "yes<|im_end|>"
+    # the trained tokens are the last ones before the final newline (not the 'yes' of the question)
+    n_tr = sum(t != M for t in r["labels"])
+    assert all(t == M for t in r["labels"][:-(n_tr + 1)])
+
+
 def test_unknown_format(tok, tmp_path):
     f = write_jsonl(tmp_path / "t.jsonl", [{"text": "a"}])
     with pytest.raises(DataError, match="data.format"):
