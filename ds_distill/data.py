@@ -111,10 +111,10 @@ def _read_records(path: str, text_field: str) -> list[Any]:
         if isinstance(obj, list):
             return obj
         if isinstance(obj, dict):
-            lists = [v for v in obj.values() if isinstance(v, list)]
-            if len(lists) == 1 and len(obj) == 1:  # {"data": [...]}
-                return lists[0]
-            return [obj]
+            (key, value), = obj.items() if len(obj) == 1 else ((None, None),)
+            if key != "messages" and isinstance(value, list) and all(isinstance(r, dict) for r in value):
+                return value  # {"data": [records]}
+            return [obj]  # one record (a single conversation {"messages": [...]} included)
     records = []
     for lineno, line in enumerate(content.splitlines(), start=1):
         if not line.strip():

@@ -282,6 +282,14 @@ def test_txt_parquet_json_match_jsonl(tok, tmp_path):
         assert build_dataset([str(tmp_path / f"a.{ext}")], "text", tok, max_length=32).to_dict() == ref, ext
 
 
+def test_json_wrapped_records_and_single_conversation(tok, tmp_path):
+    (tmp_path / "w.json").write_text(json.dumps({"data": [{"text": "a"}, {"text": "b"}]}))
+    assert len(build_dataset([str(tmp_path / "w.json")], "text", tok, max_length=8)) == 2
+    msgs = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    (tmp_path / "one.json").write_text(json.dumps({"messages": msgs}))
+    assert len(build_dataset([str(tmp_path / "one.json")], "chat", tok, max_length=64)) == 1
+
+
 def test_txt_blank_lines_dropped_ids_are_line_indices(tok, tmp_path):
     (tmp_path / "a.txt").write_text("one\n\nthree\n")
     ds = build_dataset([str(tmp_path / "a.txt")], "text", tok, max_length=32)
