@@ -22,6 +22,7 @@ setup(
         "tokenizers",
         "tqdm",
         "numpy",
+        "pyyaml",
         "matplotlib",
         "peft>=0.14",
     ],

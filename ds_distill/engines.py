@@ -1,0 +1,232 @@
+"""Every DeepSpeed call of the training path lives here (checkpoint.py holds the checkpoint ones).
+
+- `init_distributed` maps SLURM's variables when launched by plain `srun`, then starts the process group.
+- `student_ds_config` / `teacher_ds_config` turn flat typed arguments into DeepSpeed JSON configs.
+- `load_partitioned` loads a Hugging Face model straight into ZeRO-3 shards (never whole on one rank).
+- `build_student_engine` (AdamW + warmup/cosine, clipping, accumulation) and `build_teacher_engine` (ZeRO-3
+  inference: no optimizer, eval, no grad) are the only `deepspeed.initialize` callers of the project.
+- `gathered` / `register_external_param` are the two ZeRO-3 hooks the fused loss needs to read an lm_head weight
+  outside that lm_head's own forward.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import os
+from typing import Any, Callable, Iterable, Optional
+
+import torch
+import torch.distributed as dist
+
+# Imported before any zero.Init: transformers imports torch._dynamo lazily, which fails while zero.Init has
+# patched the tensor constructors ("Signature mismatch ... tensor_pynew", see NOTES.md).
+import torch._dynamo  # noqa: F401
+
+import deepspeed
+from deepspeed.accelerator import get_accelerator
+
+_HF_DS_CONFIGS: list[Any] = []  # HfDeepSpeedConfig is held by weakref in transformers: keep ours alive
+
+
+def init_distributed(timeout_s: float = 1800.0) -> tuple[int, int, int]:
+    """Start the process group (gloo on CPU, nccl on GPUs) and return (rank, world_size, local_rank).
+
+    deepspeed/torchrun set RANK, WORLD_SIZE, LOCAL_RANK. Under plain `srun` only SLURM_* exist: map them, and take
+    MASTER_ADDR from the first host of the allocation when it is not set.
+    """
+    if "RANK" not in os.environ and "SLURM_PROCID" in os.environ:
+        os.environ["RANK"] = os.environ["SLURM_PROCID"]
+        os.environ["WORLD_SIZE"] = os.environ.get("SLURM_NTASKS", "1")
+        os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
+        if "MASTER_ADDR" not in os.environ:
+            nodes = os.environ.get("SLURM_JOB_NODELIST", os.environ.get("SLURM_NODELIST", "127.0.0.1"))
+            os.environ["MASTER_ADDR"] = _first_host(nodes)
+        os.environ.setdefault("MASTER_PORT", str(29500 + int(os.environ.get("SLURM_JOB_ID", "0")) % 1000))
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29500")
+    if not dist.is_initialized():
+        deepspeed.init_distributed(timeout=datetime.timedelta(seconds=timeout_s))
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if get_accelerator().device_name() != "cpu":
+        get_accelerator().set_device(local_rank)
+    return dist.get_rank(), dist.get_world_size(), local_rank
+
+
+def _first_host(nodelist: str) -> str:
+    """First host of a SLURM nodelist ('node[01-03],x' -> 'node01'), via scontrol when available."""
+    import shutil
+    import subprocess
+
+    if shutil.which("scontrol"):
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True)
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.split()[0]
+    head = nodelist.split(",")[0]
+    if "[" in head:
+        prefix, rest = head.split("[", 1)
+        head = prefix + rest.split("-")[0].split(",")[0].rstrip("]")
+    return head
+
+
+def device() -> torch.device:
+    name = get_accelerator().device_name()
+    return torch.device("cpu") if name == "cpu" else torch.device(name, int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def on_cpu() -> bool:
+    return get_accelerator().device_name() == "cpu"
+
+
+def resolve_precision(precision: str) -> str:
+    """'auto' -> bf16 on accelerators that support it, fp32 on CPU (bf16 matmuls are emulated there)."""
+    if precision != "auto":
+        return precision
+    if on_cpu():
+        return "fp32"
+    return "bf16" if get_accelerator().is_bf16_supported() else "fp16"
+
+
+def torch_dtype(precision: str) -> torch.dtype:
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def _precision_block(precision: str) -> dict:
+    return {"bf16": {"enabled": precision == "bf16"},
+            "fp16": {"enabled": precision == "fp16", "initial_scale_power": 16}}
+
+
+def student_ds_config(*, micro_batch_size: int, grad_accum_steps: int, world_size: int, zero_stage: int,
+                      precision: str, lr: float, betas: list[float], weight_decay: float, grad_clip: float,
+                      warmup_steps: int, max_steps: int, min_lr_ratio: float, offload_optimizer: bool,
+                      overrides: Optional[dict] = None) -> dict:
+    """DeepSpeed config of the trained student: AdamW, linear warmup then cosine decay to lr * min_lr_ratio."""
+    zero: dict[str, Any] = {"stage": zero_stage}
+    if zero_stage == 3:
+        zero.update({"stage3_gather_16bit_weights_on_model_save": True, "stage3_param_persistence_threshold": 0,
+                     "stage3_prefetch_bucket_size": 0 if on_cpu() else 5e7})
+    if offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": not on_cpu()}
+    cfg = {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": grad_accum_steps,
+        "train_batch_size": micro_batch_size * grad_accum_steps * world_size,
+        "gradient_clipping": grad_clip,
+        "zero_optimization": zero,
+        "optimizer": {"type": "AdamW", "params": {"lr": lr, "betas": list(betas), "eps": 1e-8,
+                                                  "weight_decay": weight_decay}},
+        "scheduler": {"type": "WarmupCosineLR", "params": {
+            "total_num_steps": max_steps, "warmup_num_steps": warmup_steps, "warmup_type": "linear",
+            "warmup_min_ratio": 0.0 if warmup_steps > 0 else 1.0, "cos_min_ratio": min_lr_ratio}},
+        "steps_per_print": 10 ** 9,
+        "wall_clock_breakdown": False,
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        **_precision_block(precision),
+    }
+    return _merge(cfg, overrides or {})
+
+
+def teacher_ds_config(path: str, *, micro_batch_size: int, world_size: int, precision: str,
+                      offload_params: bool) -> dict:
+    """The teacher's DeepSpeed JSON (ds_configs/teacher_zero3.json) with the run's batch and precision filled in."""
+    with open(path) as f:
+        cfg = json.load(f)
+    cfg["train_micro_batch_size_per_gpu"] = micro_batch_size
+    cfg["gradient_accumulation_steps"] = 1
+    cfg["train_batch_size"] = micro_batch_size * world_size
+    cfg.update(_precision_block(precision))
+    zero = cfg.setdefault("zero_optimization", {"stage": 3})
+    if offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": not on_cpu()}
+    cfg.setdefault("steps_per_print", 10 ** 9)
+    return cfg
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_partitioned(load_fn: Callable[[], torch.nn.Module], ds_config: dict) -> torch.nn.Module:
+    """Run `load_fn` (a from_pretrained call) so that under ZeRO-3 each rank only ever holds its shard.
+
+    transformers' HfDeepSpeedConfig makes from_pretrained build the model inside zero.Init and load the
+    checkpoint shard by shard; for stages 0-2 the model loads normally.
+    """
+    if ds_config.get("zero_optimization", {}).get("stage", 0) == 3:
+        from transformers.integrations import HfDeepSpeedConfig
+
+        _HF_DS_CONFIGS.append(HfDeepSpeedConfig(ds_config))
+        try:
+            return load_fn()
+        finally:
+            _HF_DS_CONFIGS.pop()
+    return load_fn()
+
+
+def build_student_engine(model: torch.nn.Module, ds_config: dict):
+    """The trained student: returns the DeepSpeed engine (optimizer and LR scheduler inside)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, config=ds_config)
+    return engine
+
+
+def build_teacher_engine(model: torch.nn.Module, ds_config: dict):
+    """The teacher as a ZeRO-3 inference engine: no optimizer, eval mode, no grads."""
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    engine, _, _, _ = deepspeed.initialize(model=model, config=ds_config)
+    engine.eval()
+    return engine
+
+
+def is_partitioned(param: torch.nn.Parameter) -> bool:
+    return hasattr(param, "ds_id")
+
+
+def gathered(params: Iterable[torch.nn.Parameter]):
+    """Context in which ZeRO-3 partitioned params are whole on every rank (read-only); a no-op otherwise."""
+    params = [p for p in params if is_partitioned(p)]
+    if not params:
+        return contextlib.nullcontext()
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+
+
+def register_external_param(module: torch.nn.Module, param: torch.nn.Parameter) -> None:
+    """Tell ZeRO-3 that `module`'s forward uses `param` (owned by another submodule), so it is gathered for it."""
+    if is_partitioned(param):
+        deepspeed.zero.register_external_parameter(module, param)
+
+
+def consolidated_state_dict(engine) -> Optional[dict]:
+    """Full state dict of the engine's module, gathered layer by layer onto rank 0 (None on other ranks)."""
+    if engine.zero_optimization_partition_weights():
+        return engine._zero3_consolidated_16bit_state_dict()
+    return engine.module.state_dict() if dist.get_rank() == 0 else None
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def shutdown() -> None:
+    """Barrier, then destroy the process group (without it teardown aborts about 1 run in 12, NOTES.md)."""
+    if dist.is_initialized():
+        try:
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()

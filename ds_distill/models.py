@@ -1,0 +1,147 @@
+"""Hugging Face models: safe loading, the student-with-loss and teacher-hidden wrappers, and the HF export.
+
+The wrappers exist for the fused loss: the student's forward returns the loss sums computed from its final hidden
+states and its lm_head weight (never a [B, S, V] logits tensor), and the teacher's forward returns only its final
+hidden states; its lm_head weight is passed into the student's loss while gathered.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .errors import ModelError
+from .losses import LossSums, distill_loss
+
+IGNORE_INDEX = -100
+
+
+def check_model_dir(path: str, key: str, allow_pickle: bool = False) -> None:
+    """Refuse a missing directory, one without config.json, or one holding only pickle weights (unless allowed)."""
+    if not os.path.isdir(path):
+        raise ModelError(f"{key}: '{path}' is not a directory -> give a local Hugging Face model directory")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise ModelError(f"{key}: '{path}' has no config.json -> is it a Hugging Face model directory?")
+    safet = glob.glob(os.path.join(path, "*.safetensors"))
+    pickles = glob.glob(os.path.join(path, "*.bin")) + glob.glob(os.path.join(path, "*.pt"))
+    if not safet and pickles and not allow_pickle:
+        raise ModelError(
+            f"{key}: '{path}' holds only pickle weights ({os.path.basename(pickles[0])}); unpickling can run "
+            f"arbitrary code -> convert it to safetensors, or set {key.rsplit('.', 1)[0]}.allow_pickle_weights: "
+            "true if you trust the files")
+    if not safet and not pickles:
+        raise ModelError(f"{key}: '{path}' has no weights (*.safetensors) -> check the directory")
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"tokenizer_path: cannot load a tokenizer from '{path}': {e}") from None
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_causal_lm(path: str, *, dtype: torch.dtype, trust_remote_code: bool = False,
+                   allow_pickle: bool = False) -> nn.Module:
+    """AutoModelForCausalLM from a local directory; safetensors only unless pickle is explicitly allowed."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                use_safetensors=None if allow_pickle else True,
+                                                local_files_only=True)
+
+
+def vocab_rows(model: nn.Module) -> int:
+    return model.get_output_embeddings().weight.ds_shape[0] if hasattr(
+        model.get_output_embeddings().weight, "ds_shape") else model.get_output_embeddings().weight.shape[0]
+
+
+def _decoder(model: nn.Module) -> nn.Module:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft wraps the HF model
+    return base.get_decoder()
+
+
+def _lm_head(model: nn.Module) -> nn.Module:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = base.get_output_embeddings()
+    if getattr(head, "bias", None) is not None:
+        raise ModelError("the model's lm_head has a bias, which the fused loss does not support")
+    return head
+
+
+class TeacherHidden(nn.Module):
+    """Teacher forward that stops before the lm_head: returns final hidden states [B, S, H]."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    @property
+    def lm_head_weight(self) -> nn.Parameter:
+        return _lm_head(self.model).weight
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return _decoder(self.model)(input_ids=input_ids, attention_mask=attention_mask,
+                                    use_cache=False).last_hidden_state
+
+
+class StudentWithLoss(nn.Module):
+    """Student forward + distillation loss in one module call, so ZeRO-3 gathers the lm_head for the loss.
+
+    Returns the loss sums of `losses.distill_loss` as a tuple (DeepSpeed hooks tensors in tuples):
+    (total, ce, kd, tokens, metrics [4] = agree, teacher_entropy, student_entropy, topk_mass).
+    Only the positions whose label is trained are passed to the loss (shifted: hidden[t] predicts labels[t+1]).
+    """
+
+    METRIC_KEYS = ("agree", "teacher_entropy", "student_entropy", "topk_mass")
+
+    def __init__(self, model: nn.Module, register_external=None):
+        super().__init__()
+        self.model = model
+        if register_external is not None:
+            register_external(self, _lm_head(model).weight)
+
+    @property
+    def hf_model(self) -> nn.Module:
+        return self.model
+
+    def forward(self, input_ids, attention_mask, labels, loss_kwargs: dict, teacher_hidden=None,
+                teacher_weight=None, teacher_topk=None):
+        hidden = _decoder(self.model)(input_ids=input_ids, attention_mask=attention_mask,
+                                      use_cache=False).last_hidden_state  # [B, S, H]
+        targets = labels[:, 1:].reshape(-1)  # [N]
+        keep = (targets != IGNORE_INDEX).nonzero().squeeze(1)
+        if keep.numel() == 0:  # fully masked micro-batch: one ignored row keeps every rank's graph identical
+            keep = torch.zeros(1, dtype=torch.long, device=targets.device)
+        h = hidden[:, :-1].reshape(-1, hidden.shape[-1]).index_select(0, keep)
+        t_h = None
+        if teacher_hidden is not None:
+            t_h = teacher_hidden[:, :-1].reshape(-1, teacher_hidden.shape[-1]).index_select(0, keep)
+        t_topk = None
+        if teacher_topk is not None:
+            ids, lps = teacher_topk  # [B, S-1, k] aligned with targets
+            t_topk = (ids.reshape(-1, ids.shape[-1]).index_select(0, keep),
+                      lps.reshape(-1, lps.shape[-1]).index_select(0, keep))
+        out: LossSums = distill_loss(h, _lm_head(self.model).weight, targets.index_select(0, keep),
+                                     teacher_hidden=t_h, teacher_weight=teacher_weight, teacher_topk=t_topk,
+                                     **loss_kwargs)
+        metrics = torch.stack([out.metrics.get(k, torch.zeros((), device=h.device)).float().reshape(())
+                               for k in self.METRIC_KEYS])
+        return out.total, out.ce, out.kd, out.tokens.float(), metrics
+
+
+def save_hf_export(model: nn.Module, state_dict: dict, out_dir: str, tokenizer, resolved_config: dict) -> None:
+    """Write a plain HF model (safetensors) + tokenizer + the run's resolved config. Rank 0 only."""
+    os.makedirs(out_dir, exist_ok=True)
+    model.save_pretrained(out_dir, state_dict=state_dict, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    with open(os.path.join(out_dir, "ds_distill_config.json"), "w") as f:
+        json.dump(resolved_config, f, indent=1, default=str)

