@@ -212,6 +212,13 @@ def consolidated_state_dict(engine) -> Optional[dict]:
     return engine.module.state_dict() if dist.get_rank() == 0 else None
 
 
+def full_grad(param: torch.nn.Parameter) -> Optional[torch.Tensor]:
+    """The full (unpartitioned) gradient of `param` after the boundary backward, for any ZeRO stage."""
+    from deepspeed.utils import safe_get_full_grad
+
+    return safe_get_full_grad(param)
+
+
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)

@@ -150,8 +150,12 @@ def _to_device(mb: dict, dev: torch.device) -> dict:
     return {k: v.to(dev, non_blocking=True) for k, v in mb.items()}
 
 
-def train_step(run: Run, micro_batches: list[dict]) -> dict:
-    """One optimizer step over `grad_accum_steps` micro-batches; returns the step's global sums (host floats)."""
+def train_step(run: Run, micro_batches: list[dict], before_step=None) -> dict:
+    """One optimizer step over `grad_accum_steps` micro-batches; returns the step's global sums (host floats).
+
+    `before_step(local_sums)` runs after the last backward and before the optimizer step, on every rank: the
+    gradients of the whole step are then complete (read them with `engines.full_grad`), and the weights untouched.
+    """
     eng, teacher = run.student_engine, run.teacher_engine
     dev = engines.device()
     # Global number of trained tokens of this step, known before any forward: the single normaliser.
@@ -175,8 +179,10 @@ def train_step(run: Run, micro_batches: list[dict]) -> dict:
                                                  run.loss_kwargs, teacher_hidden=teacher_hidden,
                                                  teacher_weight=teacher_weight)
         eng.backward(total * scale, scale_wrt_gas=False)
-        eng.step()  # DeepSpeed applies the optimizer only at the accumulation boundary
         sums += torch.cat([torch.stack([total.detach(), ce, kd, tokens]).double(), metrics.double()])
+        if before_step is not None and eng.is_gradient_accumulation_boundary():
+            before_step(sums)
+        eng.step()  # DeepSpeed applies the optimizer only at the accumulation boundary
     engines.all_reduce_sum(sums)
     out = dict(zip(SUM_KEYS, sums.tolist()))  # host sync: once per step
     out["global_tokens"] = global_tokens
