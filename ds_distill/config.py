@@ -274,7 +274,8 @@ def validate(cfg: DistillConfig, world_size: Optional[int] = None) -> None:
         p.append(f"checkpoint.keep_last: {cfg.checkpoint.keep_last} must be >= 1")
     r = cfg.checkpoint.resume
     if r not in ("auto", "never") and not os.path.isdir(r):
-        p.append(f"checkpoint.resume: '{r}' is not 'auto', 'never' or an existing checkpoint directory")
+        p.append(f"checkpoint.resume: '{r}' is not 'auto', 'never' or an existing checkpoint directory "
+                 "-> use auto to continue output_dir's latest checkpoint, or give a checkpoints/step_* directory")
     if cfg.eval.every_steps < 0:
         p.append(f"eval.every_steps: {cfg.eval.every_steps} must be >= 0")
     if cfg.eval.every_steps > 0 and not D.eval_files:
