@@ -16,15 +16,22 @@ from ds_distill.config import parse_config  # noqa: E402
 from ds_distill.errors import DistillError  # noqa: E402
 
 
+def _fail(e: Exception) -> int:
+    print(f"[ds_distill] error (rank {os.environ.get('RANK', '0')}): {e}", file=sys.stderr, flush=True)
+    return 2
+
+
 def main(argv=None) -> int:
-    from ds_distill import engines, trainer  # deepspeed is imported only once the config parses
+    try:
+        cfg = parse_config(argv)  # --help / --print_config exit here, before deepspeed is imported
+    except DistillError as e:
+        return _fail(e)
+    from ds_distill import engines, trainer
 
     try:
-        cfg = parse_config(argv)
         return trainer.main(cfg)
     except DistillError as e:
-        print(f"[ds_distill] error (rank {os.environ.get('RANK', '0')}): {e}", file=sys.stderr, flush=True)
-        return 2
+        return _fail(e)
     finally:
         engines.shutdown()
 
