@@ -212,6 +212,19 @@ def consolidated_state_dict(engine) -> Optional[dict]:
     return engine.module.state_dict() if dist.get_rank() == 0 else None
 
 
+def partition_counts(module: torch.nn.Module) -> tuple[int, int]:
+    """(elements this rank stores, elements of the whole model): ZeRO-3 keeps about 1/world of them per rank."""
+    local = total = 0
+    for p in module.parameters():
+        if is_partitioned(p):
+            local += p.ds_tensor.numel()
+            total += p.ds_numel
+        else:
+            local += p.numel()
+            total += p.numel()
+    return local, total
+
+
 def full_grad(param: torch.nn.Parameter) -> Optional[torch.Tensor]:
     """The full (unpartitioned) gradient of `param` after the boundary backward, for any ZeRO stage."""
     from deepspeed.utils import safe_get_full_grad

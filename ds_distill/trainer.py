@@ -105,6 +105,9 @@ def build(cfg: DistillConfig) -> Run:
     student.config.use_cache = False
     wrapper = models.StudentWithLoss(student, engines.register_external_param)
     student_engine = engines.build_student_engine(wrapper, student_ds)
+    held, total = engines.partition_counts(student_engine.module)
+    print(f"[ds_distill] rank {rank}/{world}: student ZeRO-{T.zero_stage} holds {held} of {total} parameter "
+          f"elements ({100.0 * held / max(total, 1):.1f}%)", flush=True)
 
     # --- teacher: ZeRO-3 inference engine with its own DeepSpeed config
     teacher_engine = None
