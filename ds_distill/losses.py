@@ -1,0 +1,618 @@
+"""Distillation losses over large vocabularies: exact, memory-bounded, pure tensor code.
+
+No deepspeed, no torch.distributed, no config import: the trainer passes flat arguments and divides the returned
+SUMS by its global token count once per step (so gradient accumulation and data parallelism are exact).
+
+Conventions
+-----------
+p is the teacher, q the student, both over the REAL vocabulary [0, vocab_size) at temperature T:
+``p = softmax(teacher_logits / T)``, ``q = softmax(student_logits / T)``. lm_head rows >= vocab_size are padding
+(Qwen pads 151,665 tokens to 151,936 or 152,064 rows): they are sliced off before any softmax, so they never get
+probability in either model and their weight rows get exactly zero gradient. They are never zero-padded (a zero
+logit would receive mass).
+
+Per valid token (labels != -100)::
+
+    total = alpha * T**2 * D(p_T, q_T) + (1 - alpha) * CE(q_1, label)
+
+T^2 convention (Hinton et al., 2015): the gradient of D w.r.t. the logits shrinks like 1/T (and like 1/T^2 for
+T >> logit spread), so the KD term is multiplied by T^2 to keep its weight comparable across temperatures. The
+temperature applies to both distributions in D; CE always uses T = 1. ``LossSums.kd`` is the raw divergence
+(no T^2), ``LossSums.total`` includes it.
+
+Divergences (``divergence=``), sums over the real vocabulary:
+
+- ``forward_kl``       KL(p || q)
+- ``reverse_kl``       KL(q || p)
+- ``jsd``              generalised JSD of GKD (Agarwal et al., 2024), exactly as TRL's GKDTrainer and Liger's JSD:
+  beta * KL(p || m) + (1 - beta) * KL(q || m) with m = beta * p + (1 - beta) * q. It behaves like beta * KL(p||q)
+  near beta = 0 and like (1 - beta) * KL(q||p) near beta = 1 (it vanishes at both ends), so, like TRL and Liger,
+  beta = 0 is defined as exactly forward_kl and beta = 1 as exactly reverse_kl. beta = 0.5 is the symmetric JSD.
+- ``skew_forward_kl``  KL(p || lam * p + (1 - lam) * q)  (DistiLLM, lam = skew_lambda; lam = 0 is forward_kl)
+- ``skew_reverse_kl``  KL(q || lam * q + (1 - lam) * p)  (lam = 0 is reverse_kl)
+- ``tv``               0.5 * sum |p - q| (subgradient 0 where p == q)
+
+Implementations (``impl=``)
+---------------------------
+- ``full``: materialises the [N, V] logits of both models and differentiates `token_divergence` with autograd.
+  The reference for tests and small vocabularies; memory O(N * V).
+- ``chunked``: exact. A torch.autograd.Function walks the tokens in chunks of ``chunk_size`` rows (never vocabulary
+  slices: every softmax is over the whole vocabulary). Per chunk, two GEMMs give the [c, V] student and teacher
+  logits (in the inputs' dtype, then fp32); softmax statistics, the loss and the exact gradient of ``total`` w.r.t.
+  the student logits are computed in fp32, in place, a few rows at a time; two more GEMMs turn that gradient into
+  the hidden-state rows' gradient and accumulate the lm_head gradient. Gradients are therefore computed DURING
+  forward (as Liger's fused linear losses do) and backward only multiplies them by grad_output: under ZeRO-3 the
+  lm_head is gathered only around the module's forward, and no [N, V] tensor lives until backward.
+  Working memory: two [c, V] fp32 buffers, a few [8, V] temporaries (CPU; [128, V] on GPU), the fp32 lm_head
+  gradient accumulator [V_rows, H] and the hidden gradient [N, H]. No tensor larger than c x V exists.
+- ``topk``: the teacher keeps its top ``top_k`` tokens per position, computed chunked from the teacher hidden states
+  (the teacher's [c, V] logits exist one chunk at a time) or read from an offline cache (``teacher_topk``: ids and
+  full-vocabulary-normalised log-probs at T = 1, then the teacher needs no logits at all).
+
+  Remaining mass: a TAIL BUCKET, not renormalisation. Both distributions are coarse-grained onto k + 1 categories:
+  the k teacher tokens and one bucket holding everything else, p_tail = 1 - sum_k p and q_tail = 1 - sum_k q. The
+  student's probabilities are exact (its logsumexp is over the full vocabulary, and q_tail is computed as the
+  logsumexp of its non-top-k logits, not as 1 - sum), and the chosen divergence is evaluated on the two
+  (k + 1)-category distributions. Why: it works for every divergence (renormalising the teacher makes reverse KL,
+  JSD and TV undefined or biased because p would be 0 where q is not), it is a lower bound of the full divergence
+  (coarse-graining never increases an f-divergence) that tightens as k grows, it equals ``full`` when k = V, and
+  its gradient still pushes the student's tail mass towards the teacher's. With a cache and T != 1 the teacher's
+  bucket is approximated by treating the tail as one token (p_T proportional to p_1^(1/T) over the k + 1
+  categories; exact at T = 1): a T = 1 cache cannot know how T reshapes the mass it dropped. A cache whose top-k
+  sums to >= 1 after rounding gets p_tail = float32 tiny when k < V.
+
+Masked tokens (labels == -100) are dropped before any matmul (one host sync per call), so prompt tokens cost
+nothing, and an all-masked call returns exact zero sums with zero gradients, still delivered as real tensors to
+every input that requires grad (so ZeRO-3's per-parameter gradient hooks fire on every rank).
+
+KD health metrics (detached fp32 sums over valid tokens, cheap by-products of the same pass): ``agree`` (teacher
+argmax == student argmax; ties broken by the maximum shared position), ``teacher_entropy`` and
+``student_entropy`` (of p_T and q_T; in topk mode of the (k + 1)-category distributions; with alpha = 0
+only the student's, at T = 1), ``topk_mass`` (topk
+only: sum_k p_T, the teacher mass the top-k covers).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tv")
+IMPLS = ("full", "chunked", "topk")
+IGNORE_INDEX = -100
+_NEG_INF = float("-inf")
+_TINY = torch.finfo(torch.float32).tiny
+# Rows processed together by the element-wise part of the chunked passes. On CPU, 8 x 151,936 fp32 = 4.9 MB per
+# temporary keeps a slab's working set in L3, so the ~15 element-wise passes after each GEMM cost L3, not DRAM,
+# bandwidth. On GPU, larger slabs amortise kernel launches.
+_SLAB_ROWS_CPU = 8
+_SLAB_ROWS_GPU = 128
+
+
+@dataclass
+class LossSums:
+    """Sums over the valid tokens of one call; the trainer divides by its global token count."""
+
+    total: Tensor  # fp32 scalar with grad: alpha * T**2 * kd + (1 - alpha) * ce
+    ce: Tensor  # detached fp32: sum of CE at T = 1
+    kd: Tensor  # detached fp32: sum of the divergence at temperature T (no T^2)
+    tokens: Tensor  # detached int64: number of valid tokens
+    metrics: dict[str, Tensor] = field(default_factory=dict)  # detached fp32 sums (see module docstring)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Per-token reference (autograd-friendly)
+# ----------------------------------------------------------------------------------------------------------------
+
+def _plogratio(a: Tensor, log_a: Tensor, log_b: Tensor) -> Tensor:
+    """Element-wise a * (log_a - log_b) with 0 * log 0 = 0: NaN-free values and gradients where a == 0."""
+    zero = a == 0
+    return a * (torch.where(zero, 0.0, log_a) - torch.where(zero, 0.0, log_b))
+
+
+def _log_mix(log_x: Tensor, log_y: Tensor, w: float) -> Tensor:
+    """log(w * x + (1 - w) * y) for 0 < w < 1, NaN-free (also in backward) where x == y == 0."""
+    both_zero = (log_x == _NEG_INF) & (log_y == _NEG_INF)
+    lx = torch.where(both_zero, 0.0, log_x)
+    ly = torch.where(both_zero, 0.0, log_y)
+    m = torch.logaddexp(lx + math.log(w), ly + math.log1p(-w))
+    return torch.where(both_zero, _NEG_INF, m)
+
+
+def divergence_from_logprobs(log_p: Tensor, log_q: Tensor, divergence: str, beta: float = 0.5,
+                             skew_lambda: float = 0.1) -> Tensor:
+    """Per-row divergence [..., V] -> [...] between teacher log-probs `log_p` and student log-probs `log_q`.
+
+    Both must be normalised over the last dimension; -inf entries (probability 0) are allowed. Differentiable.
+    """
+    p, q = log_p.exp(), log_q.exp()
+    if divergence == "jsd" and beta == 0.0 or divergence == "skew_forward_kl" and skew_lambda == 0.0:
+        divergence = "forward_kl"
+    if divergence == "jsd" and beta == 1.0 or divergence == "skew_reverse_kl" and skew_lambda == 0.0:
+        divergence = "reverse_kl"
+    if divergence == "forward_kl":
+        return _plogratio(p, log_p, log_q).sum(-1)
+    if divergence == "reverse_kl":
+        return _plogratio(q, log_q, log_p).sum(-1)
+    if divergence == "jsd":
+        log_m = _log_mix(log_p, log_q, beta)
+        return beta * _plogratio(p, log_p, log_m).sum(-1) + (1 - beta) * _plogratio(q, log_q, log_m).sum(-1)
+    if divergence in ("skew_forward_kl", "skew_reverse_kl") and skew_lambda == 1.0:
+        return (log_q * 0.0).sum(-1)  # KL(x || x) = 0, kept in the graph
+    if divergence == "skew_forward_kl":
+        return _plogratio(p, log_p, _log_mix(log_p, log_q, skew_lambda)).sum(-1)
+    if divergence == "skew_reverse_kl":
+        return _plogratio(q, log_q, _log_mix(log_q, log_p, skew_lambda)).sum(-1)
+    if divergence == "tv":
+        return 0.5 * (p - q).abs().sum(-1)
+    raise ValueError(f"unknown divergence {divergence!r}; expected one of {DIVERGENCES}")
+
+
+def token_divergence(student_logits: Tensor, teacher_logits: Tensor, divergence: str, temperature: float = 1.0,
+                     beta: float = 0.5, skew_lambda: float = 0.1, vocab_size: int | None = None) -> Tensor:
+    """Per-token divergence D(p_T || q_T) [N] in fp32 from [N, V] logits (the reference; differentiable).
+
+    `vocab_size` slices both logits to the real vocabulary first (needed when the two lm_heads have different
+    padded row counts); without it both must already have the same width.
+    """
+    if vocab_size is not None:
+        student_logits, teacher_logits = student_logits[..., :vocab_size], teacher_logits[..., :vocab_size]
+    if student_logits.shape[-1] != teacher_logits.shape[-1]:
+        raise ValueError(f"student logits have {student_logits.shape[-1]} columns, teacher {teacher_logits.shape[-1]}"
+                         " -> pass vocab_size (the real tokenizer vocabulary) to slice off padded rows")
+    log_q = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    log_p = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    return divergence_from_logprobs(log_p, log_q, divergence, beta, skew_lambda)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Public entry point
+# ----------------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Opts:
+    vocab_size: int
+    alpha: float
+    temperature: float
+    divergence: str
+    beta: float
+    skew_lambda: float
+    chunk_size: int
+    top_k: int
+    impl: str
+    need_grad_hidden: bool
+    need_grad_weight: bool
+
+
+def distill_loss(
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    labels: Tensor,
+    *,
+    teacher_hidden: Tensor | None = None,
+    teacher_weight: Tensor | None = None,
+    teacher_topk: tuple[Tensor, Tensor] | None = None,
+    vocab_size: int,
+    alpha: float,
+    temperature: float = 1.0,
+    divergence: str = "forward_kl",
+    beta: float = 0.5,
+    skew_lambda: float = 0.1,
+    impl: str = "chunked",
+    chunk_size: int = 1024,
+    top_k: int = 64,
+) -> LossSums:
+    """Distillation + CE loss sums for N positions (see the module docstring for every convention).
+
+    student_hidden [N, Hs] final hidden states of the positions predicting `labels` [N] (already shifted, -100 =
+    not trained); student_weight [Vs_rows, Hs] the student lm_head; teacher_hidden [N, Ht] / teacher_weight
+    [Vt_rows, Ht] likewise for the teacher, or teacher_topk = (ids [N, k], logprobs [N, k]) from an offline cache
+    (impl="topk" only). alpha == 0 trains CE only and needs no teacher.
+    """
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"divergence={divergence!r}: expected one of {DIVERGENCES}")
+    if impl not in IMPLS:
+        raise ValueError(f"impl={impl!r}: expected one of {IMPLS}")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha={alpha} must be in [0, 1]")
+    if not temperature > 0:
+        raise ValueError(f"temperature={temperature} must be > 0")
+    if not (0.0 <= beta <= 1.0 and 0.0 <= skew_lambda <= 1.0):
+        raise ValueError(f"beta={beta} and skew_lambda={skew_lambda} must be in [0, 1]")
+    if chunk_size <= 0 or top_k <= 0:
+        raise ValueError(f"chunk_size={chunk_size} and top_k={top_k} must be > 0")
+    if student_hidden.dim() != 2 or labels.dim() != 1 or labels.shape[0] != student_hidden.shape[0]:
+        raise ValueError(f"expected student_hidden [N, H] and labels [N], got {tuple(student_hidden.shape)} and "
+                         f"{tuple(labels.shape)}")
+    if student_weight.shape[0] < vocab_size:
+        raise ValueError(f"student lm_head has {student_weight.shape[0]} rows < vocab_size {vocab_size}")
+    kd = alpha > 0
+    if kd:
+        if teacher_topk is not None and (impl != "topk" or teacher_hidden is not None):
+            raise ValueError("teacher_topk (an offline cache) is used only with impl='topk' and no teacher_hidden")
+        if teacher_topk is None and (teacher_hidden is None or teacher_weight is None):
+            raise ValueError("alpha > 0 needs teacher_hidden and teacher_weight (or teacher_topk with impl='topk')")
+        if teacher_hidden is not None:
+            if teacher_hidden.shape[0] != student_hidden.shape[0]:
+                raise ValueError(f"teacher_hidden has {teacher_hidden.shape[0]} rows, student {student_hidden.shape[0]}")
+            if teacher_weight.shape[0] < vocab_size:
+                raise ValueError(f"teacher lm_head has {teacher_weight.shape[0]} rows < vocab_size {vocab_size}")
+    else:  # CE only: the teacher is not used at all
+        teacher_hidden = teacher_weight = teacher_topk = None
+
+    grad_on = torch.is_grad_enabled()
+    opts = _Opts(vocab_size=vocab_size, alpha=float(alpha), temperature=float(temperature), divergence=divergence,
+                 beta=float(beta), skew_lambda=float(skew_lambda), chunk_size=int(chunk_size), top_k=int(top_k),
+                 impl=impl, need_grad_hidden=grad_on and student_hidden.requires_grad,
+                 need_grad_weight=grad_on and student_weight.requires_grad)
+
+    # Drop untrained positions before any matmul (one host sync); also validates the labels.
+    valid = labels != IGNORE_INDEX
+    rows = valid.nonzero().squeeze(1)
+    lab = labels.index_select(0, rows)
+    if lab.numel() and (int(lab.min()) < 0 or int(lab.max()) >= vocab_size):
+        raise ValueError(f"labels must be -100 or in [0, {vocab_size}); got values in [{int(lab.min())}, "
+                         f"{int(lab.max())}]")
+
+    if impl == "full":
+        return _full_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, rows, lab, opts)
+    topk_ids = topk_lp = None
+    if teacher_topk is not None:
+        ids, lps = teacher_topk
+        if ids.shape != lps.shape or ids.dim() != 2 or ids.shape[0] != labels.shape[0]:
+            raise ValueError(f"teacher_topk must be (ids [N, k], logprobs [N, k]) with N={labels.shape[0]}, got "
+                             f"{tuple(ids.shape)} and {tuple(lps.shape)}")
+        topk_ids, topk_lp = ids.index_select(0, rows).long(), lps.index_select(0, rows).float()
+        if topk_ids.numel() and (int(topk_ids.min()) < 0 or int(topk_ids.max()) >= vocab_size):
+            raise ValueError(f"teacher_topk ids must be in [0, {vocab_size}) (padded rows never get probability)")
+    t_hidden = teacher_hidden.index_select(0, rows) if teacher_hidden is not None else None
+    total, stats = _FusedLinearDistill.apply(student_hidden, student_weight, rows, lab, t_hidden, teacher_weight,
+                                             topk_ids, topk_lp, opts)
+    return _pack(total, stats, rows.numel(), opts)
+
+
+_STATS = ("ce", "kd", "agree", "teacher_entropy", "student_entropy", "topk_mass")
+
+
+def _pack(total: Tensor, stats: Tensor, n_tokens: int, opts: _Opts) -> LossSums:
+    stats = stats.detach().float()
+    metrics = {k: stats[i] for i, k in enumerate(_STATS) if i >= 2}
+    if opts.impl != "topk":
+        metrics.pop("topk_mass")
+    if opts.alpha == 0:  # no teacher: teacher-side metrics do not exist
+        for k in ("agree", "teacher_entropy", "topk_mass"):
+            metrics.pop(k, None)
+    tokens = torch.tensor(n_tokens, dtype=torch.int64, device=total.device)
+    return LossSums(total=total, ce=stats[0], kd=stats[1], tokens=tokens, metrics=metrics)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# impl = "full": the reference
+# ----------------------------------------------------------------------------------------------------------------
+
+def _full_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, rows, lab, o: _Opts) -> LossSums:
+    V, T = o.vocab_size, o.temperature
+    h = student_hidden.index_select(0, rows)
+    s = (h @ student_weight[:V].T).float()  # [n, V]
+    ce_tok = F.cross_entropy(s, lab, reduction="none")
+    stats = torch.zeros(len(_STATS), dtype=torch.float64, device=s.device)
+    stats[0] = ce_tok.detach().sum()
+    total = (1 - o.alpha) * ce_tok.sum()
+    if o.alpha > 0:
+        with torch.no_grad():
+            t = (teacher_hidden.index_select(0, rows) @ teacher_weight[:V].T).float()  # [n, V]
+        kd_tok = token_divergence(s, t, o.divergence, T, o.beta, o.skew_lambda)
+        total = total + o.alpha * T * T * kd_tok.sum()
+        with torch.no_grad():
+            log_q, log_p = F.log_softmax(s / T, -1), F.log_softmax(t / T, -1)
+            stats[1] = kd_tok.detach().sum()
+            stats[2] = (s.argmax(-1) == t.argmax(-1)).sum()
+            stats[3] = -_plogratio(log_p.exp(), log_p, torch.zeros_like(log_p)).sum()
+            stats[4] = -_plogratio(log_q.exp(), log_q, torch.zeros_like(log_q)).sum()
+    else:
+        with torch.no_grad():  # CE only: student entropy at T = 1
+            log_q = F.log_softmax(s, -1)
+            stats[4] = -_plogratio(log_q.exp(), log_q, torch.zeros_like(log_q)).sum()
+    total = total.float()
+    if rows.numel() == 0:  # keep the graph (zero grads) for every input that requires grad
+        total = total + 0.0 * student_hidden.sum() + 0.0 * student_weight.sum()
+    return _pack(total, stats, rows.numel(), o)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# impl = "chunked" / "topk": fused linear + loss, gradients computed in forward
+# ----------------------------------------------------------------------------------------------------------------
+
+class _FusedLinearDistill(torch.autograd.Function):
+    """Forward computes the loss sums AND d(total)/d(student_hidden), d(total)/d(student_weight), chunk by chunk.
+
+    Backward multiplies the stored gradients by grad_output (a scalar) and returns them. The teacher gets no grad.
+    """
+
+    @staticmethod
+    def forward(ctx, student_hidden, student_weight, rows, lab, t_hidden, t_weight, topk_ids, topk_lp, o: _Opts):
+        N, Hs = student_hidden.shape
+        dev, V = student_hidden.device, o.vocab_size
+        w_s = student_weight[:V]  # [V, Hs] view: padded rows never take part
+        w_t = t_weight[:V] if t_weight is not None else None
+        h = student_hidden.index_select(0, rows)  # [n, Hs] trained positions only
+        n = h.shape[0]
+        grad_h = torch.zeros_like(h) if o.need_grad_hidden else None
+        # fp32 accumulator of the lm_head gradient across chunks (a bf16 accumulator would round at every chunk)
+        grad_w = (torch.zeros(student_weight.shape, dtype=torch.float32, device=dev)
+                  if o.need_grad_weight else None)
+        low_precision_w = student_weight.dtype != torch.float32
+        stats = torch.zeros(len(_STATS), dtype=torch.float64, device=dev)
+        slab = _SLAB_ROWS_CPU if dev.type == "cpu" else _SLAB_ROWS_GPU
+        want_grad = o.need_grad_hidden or o.need_grad_weight
+        for c0 in range(0, n, o.chunk_size):
+            c1 = min(c0 + o.chunk_size, n)
+            h_c = h[c0:c1]
+            s = (h_c @ w_s.T).float()  # [c, V] student logits, becomes d(total)/d(logits) in place
+            t = (t_hidden[c0:c1] @ w_t.T).float() if (o.alpha > 0 and t_hidden is not None) else None  # [c, V]
+            for r0 in range(0, c1 - c0, slab):
+                r1 = min(r0 + slab, c1 - c0)
+                t_sl = t[r0:r1] if t is not None else None
+                ids_sl = topk_ids[c0 + r0:c0 + r1] if topk_ids is not None else None
+                lp_sl = topk_lp[c0 + r0:c0 + r1] if topk_lp is not None else None
+                lab_sl = lab[c0 + r0:c0 + r1]
+                if o.alpha == 0:
+                    stats += _ce_only_slab(s[r0:r1], lab_sl)
+                elif o.impl == "topk":
+                    stats += _topk_slab(s[r0:r1], t_sl, ids_sl, lp_sl, lab_sl, o)
+                else:
+                    stats += _dense_slab(s[r0:r1], t_sl, lab_sl, o)
+            del t
+            if want_grad:
+                g = s.to(h_c.dtype)  # [c, V] d(total)/d(student logits)
+                if grad_h is not None:
+                    torch.mm(g, w_s, out=grad_h[c0:c1])
+                if grad_w is not None:
+                    if low_precision_w:
+                        grad_w[:V] += (g.T @ h_c).float()
+                    else:
+                        grad_w[:V].addmm_(g.T, h_c)
+                del g
+            del s
+        total = (o.alpha * o.temperature ** 2 * stats[1] + (1 - o.alpha) * stats[0]).float()
+        if grad_h is not None:
+            full = torch.zeros_like(student_hidden)
+            full.index_copy_(0, rows, grad_h)
+            grad_h = full
+        if grad_w is not None and low_precision_w:
+            grad_w = grad_w.to(student_weight.dtype)
+        ctx.grads = [grad_h, grad_w]
+        ctx.mark_non_differentiable(stats)
+        return total, stats
+
+    @staticmethod
+    def backward(ctx, grad_total, grad_stats):
+        if ctx.grads is None:
+            raise RuntimeError("distill_loss gradients were already consumed: backward through it only once")
+        grad_h, grad_w = ctx.grads
+        ctx.grads = None  # scaled in place below: a second backward must not reuse them
+        # no `if grad_total == 1` shortcut: it would be a host sync on GPU; one pass over grad_w is cheap
+        grad_h = grad_h.mul_(grad_total.to(grad_h.dtype)) if grad_h is not None else None
+        grad_w = grad_w.mul_(grad_total.to(grad_w.dtype)) if grad_w is not None else None
+        return grad_h, grad_w, None, None, None, None, None, None, None
+
+
+def _rowdot(a: Tensor, b: Tensor) -> Tensor:
+    """Row-wise dot product [r, V] x [r, V] -> [r] without an [r, V] temporary."""
+    return torch.linalg.vecdot(a, b)
+
+
+def _ce_only_slab(s: Tensor, lab: Tensor) -> Tensor:
+    """CE at T = 1 for a slab; s [r, V] raw logits -> overwritten with softmax - onehot. Returns the stats row."""
+    lab_logit = s.gather(1, lab[:, None])  # [r, 1]
+    m = s.amax(1, keepdim=True)
+    s.sub_(m)
+    q = torch.exp(s)
+    z = q.sum(1, keepdim=True)
+    log_z = z.log()
+    h_q = log_z.squeeze(1) - _rowdot(q, s) / z.squeeze(1)  # student entropy at T = 1
+    torch.div(q, z, out=s)
+    s.scatter_add_(1, lab[:, None], torch.full_like(lab_logit, -1.0))
+    out = torch.zeros(len(_STATS), dtype=torch.float64, device=s.device)
+    out[0], out[4] = (m + log_z - lab_logit).sum(), h_q.sum()
+    return out
+
+
+def _dense_slab(s: Tensor, t: Tensor, lab: Tensor, o: _Opts) -> Tensor:
+    """All divergences, chunked impl, one slab of rows.
+
+    s [r, V] raw student logits (fp32) -> overwritten with d(total)/d(logits); t [r, V] raw teacher logits
+    (clobbered). Returns the stats row [ce, kd, agree, H(p), H(q), 0] summed over the slab (fp64).
+    """
+    a, T = o.alpha, o.temperature
+    inv_t = 1.0 / T
+    lab_logit = s.gather(1, lab[:, None])  # [r, 1] raw logit of the label (CE at T = 1)
+    s_max = s.amax(1, keepdim=True)
+    t_max = t.amax(1, keepdim=True)
+    s.sub_(s_max)
+    t.sub_(t_max)
+    if T != 1.0:
+        s.mul_(inv_t)
+        t.mul_(inv_t)
+    # both are now <= 0 and exactly 0 at their maxima: a shared 0 means the argmaxes agree (ties: any shared max)
+    agree = (torch.add(s, t).amax(1) == 0).sum()
+    q = torch.exp(s)  # [r, V] unnormalised
+    zq = q.sum(1, keepdim=True)
+    log_zq = zq.log()
+    s.sub_(log_zq)  # s = log q
+    q.div_(zq)  # q
+    p = torch.exp(t)
+    zp = p.sum(1, keepdim=True)
+    t.sub_(zp.log())  # t = log p
+    p.div_(zp)  # p
+    if T == 1.0:
+        lse1 = s_max + log_zq  # raw logsumexp for CE
+        q1 = q
+    else:  # CE at T = 1 from the scaled log q: raw - max = T * (log q + log zq)
+        q1 = torch.mul(s, T).add_(T * log_zq).exp_()
+        z1 = q1.sum(1, keepdim=True)
+        q1.div_(z1)
+        lse1 = s_max + z1.log()
+    ce = (lse1 - lab_logit).sum()
+    h_q = -_rowdot(q, s)  # [r] student entropy at T
+    h_p = -_rowdot(p, t)  # [r] teacher entropy at T
+
+    div = o.divergence
+    if div == "jsd" and o.beta == 0.0 or div == "skew_forward_kl" and o.skew_lambda == 0.0:
+        div = "forward_kl"
+    if div == "jsd" and o.beta == 1.0 or div == "skew_reverse_kl" and o.skew_lambda == 0.0:
+        div = "reverse_kl"
+    g = None  # d D / d (scaled student logits z), [r, V]
+    if div == "forward_kl":
+        d = -h_p - _rowdot(p, s)
+        g = torch.sub(q, p)
+    elif div == "reverse_kl":
+        d = -h_q - _rowdot(q, t)
+        g = torch.sub(s, t).sub_(d[:, None]).mul_(q)  # q * (log q - log p - D)
+    elif div == "jsd":
+        b = o.beta
+        log_m = torch.mul(p, b).add_(q, alpha=1 - b).clamp_min_(_TINY).log_()
+        kl_qm = -h_q - _rowdot(q, log_m)
+        kl_pm = -h_p - _rowdot(p, log_m)
+        d = b * kl_pm + (1 - b) * kl_qm
+        g = log_m.neg_().add_(s).sub_(kl_qm[:, None]).mul_(q).mul_(1 - b)  # (1-b) q (log q - log m - KL(q||m))
+    elif div in ("skew_forward_kl", "skew_reverse_kl") and o.skew_lambda == 1.0:
+        d = torch.zeros_like(h_p)
+        g = torch.zeros_like(q)
+    elif div == "skew_forward_kl":
+        lam = o.skew_lambda
+        mix = torch.mul(p, lam).add_(q, alpha=1 - lam).clamp_min_(_TINY)  # m
+        d = -h_p - _rowdot(p, mix.log())
+        # G = dD/dlog q = -(1 - lam) p q / m ; dD/dz = G - q * sum(G)
+        gq = mix.reciprocal_().mul_(p).mul_(q).mul_(-(1 - lam))
+        g = gq.sub_(q * gq.sum(1, keepdim=True))
+    elif div == "skew_reverse_kl":
+        lam = o.skew_lambda
+        mix = torch.mul(q, lam).add_(p, alpha=1 - lam).clamp_min_(_TINY)  # m
+        log_m = mix.log()
+        d = -h_q - _rowdot(q, log_m)
+        # G = q (log q - log m - lam q / m) (+ q, which the projection removes)
+        gq = torch.div(q, mix).mul_(-lam).sub_(log_m).add_(s).mul_(q)
+        g = gq.sub_(q * gq.sum(1, keepdim=True))
+    elif div == "tv":
+        diff = torch.sub(q, p)
+        d = 0.5 * diff.abs().sum(1)
+        gq = diff.sign_().mul_(q).mul_(0.5)
+        g = gq.sub_(q * gq.sum(1, keepdim=True))
+    else:
+        raise ValueError(f"unknown divergence {div!r}")
+
+    # d(total)/d(raw logits) = alpha * T^2 * (1/T) * g + (1 - alpha) * (q1 - onehot)
+    s.copy_(g).mul_(a * T)
+    if a < 1.0:
+        s.add_(q1, alpha=1 - a)
+        s.scatter_add_(1, lab[:, None], torch.full_like(lab_logit, -(1 - a)))
+    out = torch.zeros(len(_STATS), dtype=torch.float64, device=s.device)
+    out[0], out[1], out[2], out[3], out[4] = ce, d.sum(), agree, h_p.sum(), h_q.sum()
+    return out
+
+
+def _topk_slab(s: Tensor, t: Tensor | None, ids: Tensor | None, lp1: Tensor | None, lab: Tensor,
+               o: _Opts) -> Tensor:
+    """Top-k with a tail bucket, one slab of rows.
+
+    s [r, V] raw student logits -> overwritten with d(total)/d(logits). The teacher is either t [r, V] raw logits
+    (online; clobbered) or (ids [r, k], lp1 [r, k]) log-probs at T = 1 from a cache.
+    """
+    a, T = o.alpha, o.temperature
+    inv_t = 1.0 / T
+    r, V = s.shape
+    # ---- teacher: top-k log-probs at T and the tail bucket, [r, k + 1]
+    if t is not None:
+        k = min(o.top_k, V)
+        t_max = t.amax(1, keepdim=True)
+        t.sub_(t_max)
+        if T != 1.0:
+            t.mul_(inv_t)
+        vals, ids = t.topk(k, dim=1, sorted=False)  # [r, k] scaled logits - max
+        t.scatter_(1, ids, _NEG_INF)
+        log_tail = _masked_lse(t)  # [r, 1] logsumexp of the non-top-k scaled logits
+        log_z = torch.logaddexp(log_tail, vals.logsumexp(1, keepdim=True))
+        lp = torch.cat([vals, log_tail], 1) - log_z  # [r, k + 1]
+    else:
+        k = ids.shape[1]
+        lp_k = lp1.float()
+        mass = lp_k.double().exp().sum(1, keepdim=True)
+        tail = (1.0 - mass).clamp_min(0.0)
+        if k < V:
+            tail = tail.clamp_min(_TINY)
+        lp = torch.cat([lp_k, tail.log().float()], 1)
+        if T != 1.0:  # documented approximation: the tail bucket is tempered as if it were one token
+            lp = F.log_softmax(lp * inv_t, dim=1)
+    # teacher argmax among its top-k
+    t_arg = ids.gather(1, lp[:, :k].argmax(1, keepdim=True))  # [r, 1]
+
+    # ---- student: exact full-vocabulary normaliser, top-k logits and the tail bucket
+    lab_logit = s.gather(1, lab[:, None])
+    s_max = s.amax(1, keepdim=True)
+    s.sub_(s_max)
+    agree = (s.gather(1, t_arg) == 0).sum()  # teacher argmax is a student maximum
+    q1 = None
+    if T != 1.0:
+        q1 = torch.exp(s)  # CE at T = 1 needs the raw softmax
+        z1 = q1.sum(1, keepdim=True)
+        q1.div_(z1)
+        lse1 = s_max + z1.log()
+        s.mul_(inv_t)
+    zk = s.gather(1, ids)  # [r, k] scaled logits - max
+    s.scatter_(1, ids, _NEG_INF)
+    tail_max = s.amax(1, keepdim=True)
+    tail_max = torch.where(torch.isfinite(tail_max), tail_max, 0.0)  # k == V: no tail
+    s.sub_(tail_max).exp_()  # exp(z_j - tail_max) for j outside the top-k, 0 inside
+    z_tail = s.sum(1, keepdim=True)
+    log_tail = tail_max + z_tail.log()  # -inf when k == V
+    log_z = torch.logaddexp(log_tail, zk.logsumexp(1, keepdim=True))
+    if T == 1.0:
+        lse1 = s_max + log_z
+    ce = (lse1 - lab_logit).sum()
+
+    # ---- the divergence on the (k + 1)-category distributions and its gradient w.r.t. their log-probs
+    with torch.enable_grad():
+        lq = (torch.cat([zk, log_tail], 1) - log_z).detach().requires_grad_(True)  # [r, k + 1]
+        d = divergence_from_logprobs(lp, lq, o.divergence, o.beta, o.skew_lambda)
+        (G,) = torch.autograd.grad(d.sum(), lq)
+    lq = lq.detach()
+    G = torch.nan_to_num(G)  # G is 0 on zero-probability buckets; guards 0 * inf in exotic underflow
+    qc = lq.exp()
+    sum_g = G.sum(1, keepdim=True)
+    q_tail = qc[:, k:]
+    # dD/dz_j: for j in top-k: G_j - q_j sum(G); outside: (q_j / q_tail) * (G_tail - q_tail * sum(G))
+    #   with q_j / q_tail = exp(z_j - tail_max) / z_tail (what s holds, / z_tail): stable even for a tiny tail
+    tail_coef = a * T * (G[:, k:] - q_tail * sum_g)
+    top_grad = a * T * (G[:, :k] - qc[:, :k] * sum_g)
+    if T == 1.0 and a < 1.0:  # CE gradient q_j folded in: q_j = (q_j / q_tail) * q_tail
+        tail_coef = tail_coef + (1 - a) * q_tail
+        top_grad = top_grad + (1 - a) * qc[:, :k]
+    coef = torch.where(z_tail > 0, tail_coef / z_tail.clamp_min(_TINY), 0.0)
+    s.mul_(coef)
+    s.scatter_(1, ids, top_grad)
+    if a < 1.0:
+        if q1 is not None:
+            s.add_(q1, alpha=1 - a)
+        s.scatter_add_(1, lab[:, None], torch.full_like(lab_logit, -(1 - a)))
+
+    p = lp.exp()
+    out = torch.zeros(len(_STATS), dtype=torch.float64, device=s.device)
+    out[0], out[1], out[2] = ce, d.detach().sum(), agree
+    out[3] = -_plogratio(p, lp, torch.zeros_like(lp)).sum()
+    out[4] = -_plogratio(qc, lq, torch.zeros_like(lq)).sum()
+    out[5] = p[:, :k].sum()
+    return out
+
+
+def _masked_lse(x: Tensor) -> Tensor:
+    """Row logsumexp [r, V] -> [r, 1] of x, which may hold -inf (whole rows of -inf give -inf, not NaN).
+
+    Clobbers nothing; allocates one [r, V] temporary.
+    """
+    m = x.amax(1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, 0.0)
+    return m + torch.exp(x - m).sum(1, keepdim=True).log()
