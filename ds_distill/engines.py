@@ -238,6 +238,20 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def peak_memory_gb() -> float:
+    """Peak memory of this process: accelerator max-allocated on GPUs, peak RSS (ru_maxrss) on CPU; max over ranks."""
+    if on_cpu():
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB -> GiB
+    else:
+        peak = get_accelerator().max_memory_allocated() / 2 ** 30
+    t = torch.tensor([peak], dtype=torch.float64, device=device())
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()

@@ -236,6 +236,7 @@ def train(run: Run, tracker: Tracker) -> dict:
         run.state.tokens_seen += int(sums["tokens"])
         grad_norm = eng.get_global_grad_norm()
         last = step_metrics(sums, lr=eng.get_lr()[0], grad_norm=grad_norm, seconds=time.time() - t0)
+        last["mem/peak_gb"] = engines.peak_memory_gb()  # collective (max over ranks)
         if run.state.step % cfg.train.log_every == 0 or run.state.step == cfg.train.max_steps:
             tracker.log(run.state.step, last)
         every = cfg.checkpoint.every_steps
