@@ -151,9 +151,15 @@ def divergence_from_logprobs(log_p: Tensor, log_q: Tensor, divergence: str, beta
     raise ValueError(f"unknown divergence {divergence!r}; expected one of {DIVERGENCES}")
 
 
+def _at_least_fp32(x: Tensor) -> Tensor:
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def token_divergence(student_logits: Tensor, teacher_logits: Tensor, divergence: str, temperature: float = 1.0,
                      beta: float = 0.5, skew_lambda: float = 0.1, vocab_size: int | None = None) -> Tensor:
-    """Per-token divergence D(p_T || q_T) [N] in fp32 from [N, V] logits (the reference; differentiable).
+    """Per-token divergence D(p_T || q_T) [N] from [N, V] logits (the reference; differentiable).
+
+    Computed and returned in fp32 (fp64 for fp64 logits, for references).
 
     `vocab_size` slices both logits to the real vocabulary first (needed when the two lm_heads have different
     padded row counts); without it both must already have the same width.
@@ -163,8 +169,8 @@ def token_divergence(student_logits: Tensor, teacher_logits: Tensor, divergence:
     if student_logits.shape[-1] != teacher_logits.shape[-1]:
         raise ValueError(f"student logits have {student_logits.shape[-1]} columns, teacher {teacher_logits.shape[-1]}"
                          " -> pass vocab_size (the real tokenizer vocabulary) to slice off padded rows")
-    log_q = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    log_p = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    log_q = F.log_softmax(_at_least_fp32(student_logits) / temperature, dim=-1)
+    log_p = F.log_softmax(_at_least_fp32(teacher_logits) / temperature, dim=-1)
     return divergence_from_logprobs(log_p, log_q, divergence, beta, skew_lambda)
 
 
@@ -541,9 +547,8 @@ def _topk_slab(s: Tensor, t: Tensor | None, ids: Tensor | None, lp1: Tensor | No
         k = ids.shape[1]
         lp_k = lp1.float()
         mass = lp_k.double().exp().sum(1, keepdim=True)
-        tail = (1.0 - mass).clamp_min(0.0)
-        if k < V:
-            tail = tail.clamp_min(_TINY)
+        # k == V: the cache holds the whole vocabulary, the tail is exactly empty (whatever the rounding says)
+        tail = (1.0 - mass).clamp_min(_TINY) if k < V else torch.zeros_like(mass)
         lp = torch.cat([lp_k, tail.log().float()], 1)
         if T != 1.0:  # documented approximation: the tail bucket is tempered as if it were one token
             lp = F.log_softmax(lp * inv_t, dim=1)
