@@ -103,7 +103,7 @@ def student_ds_config(*, micro_batch_size: int, grad_accum_steps: int, world_siz
                       precision: str, lr: float, betas: list[float], weight_decay: float, grad_clip: float,
                       warmup_steps: int, max_steps: int, min_lr_ratio: float, offload_optimizer: bool,
                       overrides: Optional[dict] = None) -> dict:
-    """DeepSpeed config of the trained student: AdamW, linear warmup then cosine decay to lr * min_lr_ratio."""
+    """DeepSpeed config of the trained student: AdamW (the schedule is `lr_schedule`, passed to the engine)."""
     zero: dict[str, Any] = {"stage": zero_stage}
     if zero_stage == 3:
         zero.update({"stage3_gather_16bit_weights_on_model_save": True, "stage3_param_persistence_threshold": 0,
@@ -118,9 +118,6 @@ def student_ds_config(*, micro_batch_size: int, grad_accum_steps: int, world_siz
         "zero_optimization": zero,
         "optimizer": {"type": "AdamW", "params": {"lr": lr, "betas": list(betas), "eps": 1e-8,
                                                   "weight_decay": weight_decay}},
-        "scheduler": {"type": "WarmupCosineLR", "params": {
-            "total_num_steps": max_steps, "warmup_num_steps": warmup_steps, "warmup_type": "linear",
-            "warmup_min_ratio": 0.0 if warmup_steps > 0 else 1.0, "cos_min_ratio": min_lr_ratio}},
         "steps_per_print": 10 ** 9,
         "wall_clock_breakdown": False,
         "zero_allow_untested_optimizer": True,
@@ -170,10 +167,28 @@ def load_partitioned(load_fn: Callable[[], torch.nn.Module], ds_config: dict) ->
     return load_fn()
 
 
-def build_student_engine(model: torch.nn.Module, ds_config: dict):
-    """The trained student: returns the DeepSpeed engine (optimizer and LR scheduler inside)."""
+def lr_schedule(step: int, *, warmup_steps: int, max_steps: int, min_lr_ratio: float) -> float:
+    """LR multiplier of optimizer step `step + 1`: linear warmup (1/w, 2/w, ... 1; never 0), then cosine to
+    min_lr_ratio at max_steps."""
+    import math
+
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_student_engine(model: torch.nn.Module, ds_config: dict, *, warmup_steps: int, max_steps: int,
+                         min_lr_ratio: float):
+    """The trained student: returns the DeepSpeed engine (AdamW and the warmup + cosine schedule inside; the
+    scheduler's state is saved in DeepSpeed checkpoints)."""
+    import functools
+
     params = [p for p in model.parameters() if p.requires_grad]
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, config=ds_config)
+    fn = functools.partial(lr_schedule, warmup_steps=warmup_steps, max_steps=max_steps, min_lr_ratio=min_lr_ratio)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, model_parameters=params, config=ds_config,
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, fn))
     return engine
 
 
@@ -255,6 +270,15 @@ def peak_memory_gb() -> float:
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def broadcast_object(obj, src: int = 0):
+    """`obj` of rank `src` on every rank (a JSON-able value: pickled by torch.distributed between our own ranks)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        box = [obj]
+        dist.broadcast_object_list(box, src=src)
+        return box[0]
+    return obj
 
 
 def shutdown() -> None:

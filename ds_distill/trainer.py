@@ -9,6 +9,8 @@ global token mean, and the logged CE / KL / total are the same global token-weig
 from __future__ import annotations
 
 import dataclasses
+import errno
+import itertools
 import json
 import math
 import os
@@ -19,10 +21,11 @@ from typing import Optional
 
 import torch
 
-from . import checkpoint, data, engines, models, vocab
+from . import checkpoint, data, engines, guards, lora, models, teacher_cache, vocab
 from .config import DistillConfig, to_dict, validate
 from .errors import DistillError, NonFiniteError
 from .tracking import Tracker
+from . import evaluate, report
 
 # Order of the per-step sums all-reduced once per step.
 SUM_KEYS = ("total", "ce", "kd", "tokens") + tuple(f"kd/{k}" for k in models.StudentWithLoss.METRIC_KEYS)
@@ -43,6 +46,8 @@ class Run:
     state: checkpoint.ResumeState
     ckpt_root: str
     vocab_message: str = ""
+    teacher_eval_cache: Optional[evaluate.TeacherCache] = None  # filled by the first eval, reused after
+    teacher_topk_cache: Optional[teacher_cache.TopKCache] = None  # teacher.cache: the offline teacher's top-k
 
 
 def check_output_dir(cfg: DistillConfig, rank: int) -> None:
@@ -57,7 +62,7 @@ def check_output_dir(cfg: DistillConfig, rank: int) -> None:
         return
     if cfg.overwrite_output_dir:
         if rank == 0:
-            for name in ("checkpoints", "metrics.jsonl", "final", "wandb", "report.md"):
+            for name in ("checkpoints", "metrics.jsonl", "final", "final_adapter", "wandb", "report.md"):
                 p = os.path.join(out, name)
                 shutil.rmtree(p, ignore_errors=True) if os.path.isdir(p) else (os.path.exists(p) and os.remove(p))
         engines.barrier()
@@ -67,7 +72,7 @@ def check_output_dir(cfg: DistillConfig, rank: int) -> None:
 
 
 def build(cfg: DistillConfig) -> Run:
-    rank, world, _ = engines.init_distributed(cfg.train.watchdog_timeout_s or 1800.0)
+    rank, world, _ = engines.init_distributed(guards.process_group_timeout(cfg.train.watchdog_timeout_s))
     validate(cfg, world)
     check_output_dir(cfg, rank)
     precision = engines.resolve_precision(cfg.train.precision)
@@ -90,6 +95,14 @@ def build(cfg: DistillConfig) -> Run:
     eval_ds = (data.build_dataset(cfg.data.eval_files, cfg.data.format, tokenizer, cfg.data.max_length,
                                   cfg.data.text_field) if cfg.data.eval_files else None)
 
+    # --- offline teacher: checked against this run's tokenizer and data before any model loads
+    topk_cache = None
+    if cfg.teacher.cache and cfg.loss.alpha > 0:
+        topk_cache = teacher_cache.TopKCache(cfg.teacher.cache)
+        topk_cache.verify(tokenizer_fp=teacher_cache.tokenizer_fingerprint(tokenizer),
+                          data_fp=teacher_cache.data_fingerprint(train_ds), max_length=cfg.data.max_length,
+                          top_k=cfg.loss.top_k)
+
     # --- student engine (loaded straight into ZeRO-3 shards at stage 3)
     student_ds = engines.student_ds_config(
         micro_batch_size=T.micro_batch_size, grad_accum_steps=T.grad_accum_steps, world_size=world,
@@ -103,8 +116,17 @@ def build(cfg: DistillConfig) -> Run:
     if cfg.student.activation_checkpointing:
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     student.config.use_cache = False
+    lcfg = cfg.student.lora
+    if lcfg.rank > 0:  # adapters go on after loading (partitioned under ZeRO-3), before the engine (see lora.py)
+        student = lora.apply_lora(student, rank=lcfg.rank, alpha=lcfg.alpha, dropout=lcfg.dropout,
+                                  target_modules=lcfg.target_modules)
+        n_train, n_all = lora.trainable_counts(student)
+        if rank == 0:
+            print(f"[ds_distill] LoRA r={lcfg.rank} on {lcfg.target_modules}: {n_train} trainable of {n_all} "
+                  f"parameter elements ({100.0 * n_train / max(n_all, 1):.2f}%)", flush=True)
     wrapper = models.StudentWithLoss(student, engines.register_external_param)
-    student_engine = engines.build_student_engine(wrapper, student_ds)
+    student_engine = engines.build_student_engine(wrapper, student_ds, warmup_steps=T.warmup_steps,
+                                                  max_steps=T.max_steps, min_lr_ratio=T.min_lr_ratio)
     held, total = engines.partition_counts(student_engine.module)
     print(f"[ds_distill] rank {rank}/{world}: student ZeRO-{T.zero_stage} holds {held} of {total} parameter "
           f"elements ({100.0 * held / max(total, 1):.1f}%)", flush=True)
@@ -121,8 +143,13 @@ def build(cfg: DistillConfig) -> Run:
             allow_pickle=cfg.teacher.allow_pickle_weights), teacher_ds)
         teacher_rows = models.vocab_rows(teacher)
         teacher_engine = engines.build_teacher_engine(models.TeacherHidden(teacher), teacher_ds)
+    if topk_cache is not None:
+        teacher_rows = int(topk_cache.manifest["teacher_vocab_rows"])
     vocab_size, vocab_message = vocab.reconcile_vocab(teacher_rows or models.vocab_rows(student),
                                                       models.vocab_rows(student), len(tokenizer))
+    if topk_cache is not None:
+        topk_cache.check_vocab_size(vocab_size)
+        vocab_message += "\n" + topk_cache.describe()
 
     L = cfg.loss
     loss_kwargs = dict(vocab_size=vocab_size, alpha=L.alpha, temperature=L.temperature, divergence=L.divergence,
@@ -137,13 +164,18 @@ def build(cfg: DistillConfig) -> Run:
     elif cfg.checkpoint.resume != "never":
         resume_from = cfg.checkpoint.resume
     if resume_from:
-        state = checkpoint.load(student_engine, resume_from)
+        state = checkpoint.load(student_engine, resume_from, world)
+    if len(train_ds) < world:  # checked here so that every rank raises it (the stream would fail on some only)
+        raise data.DataError(f"data.train_files: {len(train_ds)} usable training samples cannot feed {world} ranks "
+                             "-> add data or use fewer ranks")
     stream = data.MicroBatchStream(train_ds, rank=rank, world_size=world, micro_batch_size=T.micro_batch_size,
                                    seed=T.seed, pad_token_id=tokenizer.pad_token_id,
                                    samples_consumed=state.samples_consumed)
+    if state.data_state:
+        stream.load_state_dict(state.data_state)  # same seed, rows and world size, or a DataError
     run = Run(cfg=cfg, rank=rank, world_size=world, tokenizer=tokenizer, student_engine=student_engine,
               teacher_engine=teacher_engine, stream=stream, eval_dataset=eval_ds, loss_kwargs=loss_kwargs,
-              state=state, ckpt_root=ckpt_root, vocab_message=vocab_message)
+              state=state, ckpt_root=ckpt_root, vocab_message=vocab_message, teacher_topk_cache=topk_cache)
     if resume_from:
         run.vocab_message += f"\nresumed from {resume_from} at step {state.step}"
     return run
@@ -153,7 +185,8 @@ def _to_device(mb: dict, dev: torch.device) -> dict:
     return {k: v.to(dev, non_blocking=True) for k, v in mb.items()}
 
 
-def train_step(run: Run, micro_batches: list[dict], before_step=None) -> dict:
+def train_step(run: Run, micro_batches: list[dict], before_step=None,
+               guard: Optional[guards.StepGuard] = None) -> dict:
     """One optimizer step over `grad_accum_steps` micro-batches; returns the step's global sums (host floats).
 
     `before_step(local_sums)` runs after the last backward and before the optimizer step, on every rank: the
@@ -170,6 +203,10 @@ def train_step(run: Run, micro_batches: list[dict], before_step=None) -> dict:
 
     sums = torch.zeros(len(SUM_KEYS), dtype=torch.float64, device=dev)
     for mb in micro_batches:
+        teacher_topk = None
+        if run.teacher_topk_cache is not None:  # rows by sample id, aligned with labels[:, 1:]: [B, S-1, k] each
+            teacher_topk = tuple(t.to(dev, non_blocking=True) for t in
+                                 run.teacher_topk_cache.batch(mb["sample_ids"], mb["attention_mask"]))
         mb = _to_device(mb, dev)
         teacher_hidden, teacher_weight = None, None
         if teacher is not None:
@@ -180,9 +217,12 @@ def train_step(run: Run, micro_batches: list[dict], before_step=None) -> dict:
                 teacher_weight = teacher.module.lm_head_weight
             total, ce, kd, tokens, metrics = eng(mb["input_ids"], mb["attention_mask"], mb["labels"],
                                                  run.loss_kwargs, teacher_hidden=teacher_hidden,
-                                                 teacher_weight=teacher_weight)
-        eng.backward(total * scale, scale_wrt_gas=False)
+                                                 teacher_weight=teacher_weight, teacher_topk=teacher_topk)
         sums += torch.cat([torch.stack([total.detach(), ce, kd, tokens]).double(), metrics.double()])
+        loss = total * scale
+        if guard is not None and eng.is_gradient_accumulation_boundary():
+            loss = guard.check(sums, loss)  # collective: a non-finite loss on any rank, SIGTERM (guards.py)
+        eng.backward(loss, scale_wrt_gas=False)
         if before_step is not None and eng.is_gradient_accumulation_boundary():
             before_step(sums)
         eng.step()  # DeepSpeed applies the optimizer only at the accumulation boundary
@@ -204,9 +244,11 @@ def step_metrics(sums: dict, *, lr: float, grad_norm: Optional[float], seconds: 
     return row
 
 
-def save_checkpoint(run: Run) -> str:
-    run.state.samples_consumed = run.stream.state_dict()["samples_consumed"]
-    return checkpoint.save(run.student_engine, run.ckpt_root, run.state, run.cfg.checkpoint.keep_last)
+def save_checkpoint(run: Run, rng: Optional[dict] = None) -> str:
+    """Collective: checkpoint of run.state.step with the stream's position (and `rng`, default: the RNG now)."""
+    run.state.data_state = run.stream.state_dict()
+    run.state.samples_consumed = run.state.data_state["samples_consumed"]
+    return checkpoint.save(run.student_engine, run.ckpt_root, run.state, run.cfg.checkpoint.keep_last, rng=rng)
 
 
 def export(run: Run) -> str:
@@ -215,40 +257,157 @@ def export(run: Run) -> str:
     sd = engines.consolidated_state_dict(run.student_engine)  # collective
     if run.rank == 0:
         sd = {k[len("model."):] if k.startswith("model.") else k: v for k, v in sd.items()}
-        models.save_hf_export(run.student_engine.module.hf_model, sd, out, run.tokenizer, to_dict(run.cfg))
+        hf_model = run.student_engine.module.hf_model
+        if lora.is_peft_model(hf_model):  # merge the adapters into a plain HF model (+ the adapter alone)
+            adapter_dir = os.path.join(run.cfg.output_dir, "final_adapter") if run.cfg.student.lora.save_adapter \
+                else None
+            lora.save_merged(hf_model, sd, out, adapter_dir, lambda m, msd, d: models.save_hf_export(
+                m, msd, d, run.tokenizer, to_dict(run.cfg)))
+        else:
+            models.save_hf_export(hf_model, sd, out, run.tokenizer, to_dict(run.cfg))
     engines.barrier()
     return out
 
 
-def train(run: Run, tracker: Tracker) -> dict:
-    """The loop: fetch micro-batches, step, log, checkpoint; returns the last logged row."""
+def run_eval(run: Run) -> Optional[dict]:
+    """Held-out student (and teacher) metrics on data.eval_files, token-weighted over all ranks (collective).
+
+    The student runs through its engine (`hidden_only`), so ZeRO-3 gathers its layers as in training; the lm_heads
+    are gathered per batch inside evaluate. The teacher's hidden states are cached after the first call
+    (eval.cache_teacher). Returns None without eval files.
+    """
+    if run.eval_dataset is None:
+        return None
+    cfg, eng, teacher = run.cfg, run.student_engine, run.teacher_engine
+    batches = data.eval_batches(run.eval_dataset, rank=run.rank, world_size=run.world_size,
+                                micro_batch_size=cfg.eval.micro_batch_size or cfg.train.micro_batch_size,
+                                pad_token_id=run.tokenizer.pad_token_id)
+    if cfg.eval.max_batches:
+        batches = itertools.islice(batches, cfg.eval.max_batches)  # the same first batches on every rank
+    if teacher is not None and cfg.eval.cache_teacher and run.teacher_eval_cache is None:
+        run.teacher_eval_cache = evaluate.TeacherCache()
+    was_training = eng.training
+    eng.eval()
+    try:
+        return evaluate.evaluate(
+            batches, student_hidden_fn=lambda ids, mask: eng(ids, mask, None, None, hidden_only=True),
+            student_weight=eng.module.lm_head_weight,
+            teacher_hidden_fn=(lambda ids, mask: teacher(ids, mask)) if teacher is not None else None,
+            teacher_weight=teacher.module.lm_head_weight if teacher is not None else None,
+            teacher_cache=run.teacher_eval_cache, vocab_size=run.loss_kwargs["vocab_size"],
+            chunk_size=cfg.loss.chunk_size, device=engines.device(), gather=engines.gathered,
+            all_reduce=engines.all_reduce_sum)
+    finally:
+        eng.train(was_training)
+
+
+def eval_and_log(run: Run, tracker: Tracker) -> Optional[dict]:
+    """run_eval, then one metrics.jsonl / W&B row {"step": s, "eval/...": ...} and a console line."""
+    t0 = time.time()
+    m = run_eval(run)
+    if m is None:
+        return None
+    tracker.log(run.state.step, {f"eval/{k}": v for k, v in m.items()})
+    line = f"eval @ step {run.state.step}: student ppl {m['student_ppl']:.3f}"
+    if "teacher_ppl" in m:
+        line += f", teacher ppl {m['teacher_ppl']:.3f}, KL {m['kl']:.4f}, top-1 agree {m['agree']:.1%}"
+    tracker.message(line + f" ({m['tokens']:.0f} tokens, {time.time() - t0:.1f} s)")
+    return m
+
+
+def write_generations(run: Run) -> Optional[str]:
+    """Rank 0: output_dir/generations.md, teacher / student before / student after side by side (plain HF models
+    loaded one at a time from teacher.path, student.path and output_dir/final). Other ranks wait at a barrier."""
+    cfg, E = run.cfg, run.cfg.eval
+    path = os.path.join(cfg.output_dir, "generations.md")
+    if E.generations <= 0 or (E.prompts_file is None and run.eval_dataset is None):
+        return None
+    if run.rank == 0:
+        if E.prompts_file:
+            prompts = evaluate.prompts_from_file(E.prompts_file, run.tokenizer, cfg.data.format)[:E.generations]
+        else:
+            prompts = evaluate.prompts_from_dataset(run.eval_dataset, E.generations)
+        names = ([("teacher", cfg.teacher.path)] if cfg.teacher.path else []) + [
+            ("student before", cfg.student.path), ("student after", os.path.join(cfg.output_dir, "final"))]
+        rows = evaluate.side_by_side(names, prompts, run.tokenizer, temperatures=E.temperatures, seed=E.seed,
+                                     max_new_tokens=E.max_new_tokens, device=engines.device(),
+                                     dtype=engines.torch_dtype(engines.resolve_precision(cfg.train.precision)))
+        evaluate.write_generations_md(rows, path, title=f"Generations: {os.path.basename(cfg.output_dir)}")
+    engines.barrier()
+    return path
+
+
+def train(run: Run, tracker: Tracker, watchdog: Optional[guards.Watchdog] = None) -> dict:
+    """The loop: fetch micro-batches, step, log, checkpoint; returns the last logged row.
+
+    Every step: `guard.check` (inside train_step) all-reduces the non-finite and SIGTERM flags once, so all ranks take
+    the same decision; a non-finite step is discarded by DeepSpeed before the optimizer touches the weights, then
+    aborts (saving the last good step) or is skipped (train.nonfinite); SIGTERM saves a checkpoint and raises
+    guards.Preempted after the step.
+    """
     cfg, eng = run.cfg, run.student_engine
+    guard = guards.StepGuard(rank=run.rank, world_size=run.world_size, nonfinite=cfg.train.nonfinite,
+                             max_skipped_steps=cfg.train.max_skipped_steps,
+                             deepspeed_discards_nonfinite=hasattr(eng.optimizer, "overflow"),
+                             device=engines.device(), all_reduce_sum=engines.all_reduce_sum,
+                             skipped_steps=run.state.skipped_steps, watchdog=watchdog)
+    guards.validate_mode(cfg.train.nonfinite, guard.discards, cfg.train.zero_stage,
+                         engines.resolve_precision(cfg.train.precision))
+    nan_hook = guards.nan_hook(guard, run.rank)  # test fault only
+    hook_handle = eng.module.register_forward_hook(nan_hook) if nan_hook else None
     if run.vocab_message:
         tracker.message(run.vocab_message)
     last: dict = {}
+    if run.state.step == 0:
+        eval_and_log(run, tracker)  # the student before training: the report's "before" column
     while run.state.step < cfg.train.max_steps:
         t0 = time.time()
+        lr = eng.get_lr()[0]  # the LR this step's update uses (the scheduler advances inside the step)
+        step = run.state.step + 1
+        guard.begin(step)
+        # data position and RNG before this step: what an abort's checkpoint of the last good step must hold
+        pos_before, rng_before = run.stream.samples_consumed, checkpoint.rng_state()
         micro_batches = [next(run.stream) for _ in range(cfg.train.grad_accum_steps)]
-        sums = train_step(run, micro_batches)
-        if not math.isfinite(sums["total"]):
-            raise NonFiniteError(f"non-finite loss at step {run.state.step + 1} -> lower train.lr or check the data")
-        run.state.step += 1
-        run.state.tokens_seen += int(sums["tokens"])
-        grad_norm = eng.get_global_grad_norm()
-        last = step_metrics(sums, lr=eng.get_lr()[0], grad_norm=grad_norm, seconds=time.time() - t0)
-        last["mem/peak_gb"] = engines.peak_memory_gb()  # collective (max over ranks)
-        if run.state.step % cfg.train.log_every == 0 or run.state.step == cfg.train.max_steps:
-            tracker.log(run.state.step, last)
+        sums = train_step(run, micro_batches, guard=guard)
+        try:
+            skipped = guard.after_step(eng.was_step_applied(), fp16=eng.fp16_enabled())
+        except NonFiniteError as e:  # the weights are still those of step - 1: checkpoint them, then stop
+            run.stream.samples_consumed = pos_before
+            path = save_checkpoint(run, rng=rng_before)
+            raise NonFiniteError(f"{e}. The weights of the last good step {run.state.step} are saved in {path}") \
+                from None
+        run.state.step = step
+        if skipped:
+            run.state.skipped_steps = guard.skipped_steps
+            tracker.message(guard.skip_message())
+        else:
+            run.state.tokens_seen += int(sums["tokens"])
+            grad_norm = eng.get_global_grad_norm()
+            last = step_metrics(sums, lr=lr, grad_norm=grad_norm, seconds=time.time() - t0)
+            last["mem/peak_gb"] = engines.peak_memory_gb()  # collective (max over ranks)
+            if run.state.step % cfg.train.log_every == 0 or run.state.step == cfg.train.max_steps:
+                tracker.log(run.state.step, last)
         every = cfg.checkpoint.every_steps
         if every and run.state.step % every == 0 and run.state.step < cfg.train.max_steps:
             save_checkpoint(run)
+        every = cfg.eval.every_steps
+        if every and run.state.step % every == 0 and run.state.step < cfg.train.max_steps:
+            eval_and_log(run, tracker)
+        if guard.stop_requested and run.state.step < cfg.train.max_steps:  # SIGTERM on some rank: all stop here
+            raise guards.Preempted(run.state.step, save_checkpoint(run))
+        guards.fault_after_step(step, run.rank)  # test fault only
+    if hook_handle is not None:
+        hook_handle.remove()
     save_checkpoint(run)
+    eval_and_log(run, tracker)  # the final held-out numbers (after the checkpoint: an eval failure loses nothing)
     return last
 
 
 def main(cfg: DistillConfig) -> int:
     """Build, train, export, always finishing the tracker and the process group. Returns the exit code."""
     tracker = None
+    watchdog: Optional[guards.Watchdog] = None
+    restore_sigterm = None
     code = 1
     try:
         run = build(cfg)
@@ -258,12 +417,35 @@ def main(cfg: DistillConfig) -> int:
                           wandb_run_name=cfg.wandb.run_name, wandb_entity=cfg.wandb.entity,
                           wandb_run_id=run.state.wandb_run_id, config=to_dict(cfg))
         run.state.wandb_run_id = tracker.run_id
-        last = train(run, tracker)
+        restore_sigterm = guards.install_sigterm_handler()  # from here SIGTERM = checkpoint at the next step, exit
+        watchdog = guards.Watchdog(cfg.train.watchdog_timeout_s, run.rank).start()
+        last = train(run, tracker, watchdog)
+        watchdog.beat("export")
         path = export(run)
+        watchdog.stop()
         tracker.message(f"done: step {run.state.step}, loss {last.get('loss/total', float('nan')):.4f}; "
                         f"model exported to {path}")
+        gen_path = write_generations(run)
+        if run.rank == 0:  # report.md + plots from metrics.jsonl (all steps, including before a resume)
+            notes = ["generations side by side: [generations.md](generations.md)"] if gen_path else None
+            report.write_report(cfg.output_dir, report.read_rows(tracker.metrics_path), notes=notes,
+                                title=f"ds_distill run report: {os.path.basename(os.path.abspath(cfg.output_dir))}")
+            tracker.message(f"report: {os.path.join(cfg.output_dir, 'report.md')}")
         code = 0
+    except guards.Preempted as e:
+        if tracker is not None:
+            tracker.message(f"[ds_distill] {e}")
+        code = guards.EXIT_PREEMPTED
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DistillError(f"output_dir: the disk of '{cfg.output_dir}' is full ({e}) -> free space or point "
+                               "output_dir elsewhere; the latest complete checkpoint is intact") from None
+        raise
     finally:
+        if watchdog is not None:
+            watchdog.stop()
+        if restore_sigterm is not None:
+            restore_sigterm()
         if tracker is not None:
             tracker.finish(exit_code=code)
     return code
