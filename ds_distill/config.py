@@ -282,6 +282,13 @@ def validate(cfg: DistillConfig, world_size: Optional[int] = None) -> None:
         p.append("eval.every_steps: > 0 but data.eval_files is empty -> add eval files or set eval.every_steps: 0")
     if cfg.student.lora.rank < 0:
         p.append(f"student.lora.rank: {cfg.student.lora.rank} must be >= 0")
+    if cfg.student.lora.rank > 0:
+        if cfg.student.lora.alpha <= 0:
+            p.append(f"student.lora.alpha: {cfg.student.lora.alpha} must be > 0 (scaling is alpha / rank)")
+        if not 0.0 <= cfg.student.lora.dropout < 1.0:
+            p.append(f"student.lora.dropout: {cfg.student.lora.dropout} must be in [0, 1)")
+        if not cfg.student.lora.target_modules:
+            p.append("student.lora.target_modules: empty -> name the linear modules, e.g. [q_proj, v_proj]")
     for key, path in (("teacher.path", cfg.teacher.path), ("student.path", cfg.student.path),
                       ("tokenizer_path", cfg.tokenizer_path), ("teacher.cache", cfg.teacher.cache)):
         if path is not None and not os.path.isdir(path):
