@@ -105,3 +105,11 @@ def test_help_shows_field_docs_and_print_config_resolves(base_yaml):
     assert out.returncode == 0, out.stderr
     printed = yaml.safe_load(out.stdout)
     assert printed["loss"]["alpha"] == 0.3 and printed["train"]["zero_stage"] == 3
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "ds_configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_parse_and_open_with_their_command(path):
+    cfg = parse_config(["--config", str(path)])
+    assert isinstance(cfg, DistillConfig)
+    head = path.read_text().splitlines()[:6]
+    assert any("launch/train.py --config ds_configs/" + path.name in line for line in head), head
