@@ -129,10 +129,7 @@ def divergence_from_logprobs(log_p: Tensor, log_q: Tensor, divergence: str, beta
     Both must be normalised over the last dimension; -inf entries (probability 0) are allowed. Differentiable.
     """
     p, q = log_p.exp(), log_q.exp()
-    if divergence == "jsd" and beta == 0.0 or divergence == "skew_forward_kl" and skew_lambda == 0.0:
-        divergence = "forward_kl"
-    if divergence == "jsd" and beta == 1.0 or divergence == "skew_reverse_kl" and skew_lambda == 0.0:
-        divergence = "reverse_kl"
+    divergence = _canonical(divergence, beta, skew_lambda)
     if divergence == "forward_kl":
         return _plogratio(p, log_p, log_q).sum(-1)
     if divergence == "reverse_kl":
@@ -271,10 +268,14 @@ def distill_loss(
         if ids.shape != lps.shape or ids.dim() != 2 or ids.shape[0] != labels.shape[0]:
             raise ValueError(f"teacher_topk must be (ids [N, k], logprobs [N, k]) with N={labels.shape[0]}, got "
                              f"{tuple(ids.shape)} and {tuple(lps.shape)}")
-        topk_ids, topk_lp = ids.index_select(0, rows).long(), lps.index_select(0, rows).float()
+        if rows.numel() != labels.shape[0]:
+            ids, lps = ids.index_select(0, rows), lps.index_select(0, rows)
+        topk_ids, topk_lp = ids.long(), lps.float()
         if topk_ids.numel() and (int(topk_ids.min()) < 0 or int(topk_ids.max()) >= vocab_size):
             raise ValueError(f"teacher_topk ids must be in [0, {vocab_size}) (padded rows never get probability)")
-    t_hidden = teacher_hidden.index_select(0, rows) if teacher_hidden is not None else None
+    t_hidden = teacher_hidden
+    if teacher_hidden is not None and rows.numel() != labels.shape[0]:
+        t_hidden = teacher_hidden.index_select(0, rows)
     total, stats = _FusedLinearDistill.apply(student_hidden, student_weight, rows, lab, t_hidden, teacher_weight,
                                              topk_ids, topk_lp, opts)
     return _pack(total, stats, rows.numel(), opts)
@@ -344,15 +345,19 @@ class _FusedLinearDistill(torch.autograd.Function):
         dev, V = student_hidden.device, o.vocab_size
         w_s = student_weight[:V]  # [V, Hs] view: padded rows never take part
         w_t = t_weight[:V] if t_weight is not None else None
-        h = student_hidden.index_select(0, rows)  # [n, Hs] trained positions only
-        n = h.shape[0]
-        grad_h = torch.zeros_like(h) if o.need_grad_hidden else None
+        n = rows.numel()
+        compact = n != N  # the trainer usually passes trained positions only: then no copy at all
+        h = student_hidden.index_select(0, rows) if compact else student_hidden  # [n, Hs]
+        grad_h = (torch.zeros_like(h) if compact else torch.empty_like(h)) if o.need_grad_hidden else None
         # fp32 accumulator of the lm_head gradient across chunks (a bf16 accumulator would round at every chunk)
         grad_w = (torch.zeros(student_weight.shape, dtype=torch.float32, device=dev)
                   if o.need_grad_weight else None)
         low_precision_w = student_weight.dtype != torch.float32
         stats = torch.zeros(len(_STATS), dtype=torch.float64, device=dev)
         slab = _SLAB_ROWS_CPU if dev.type == "cpu" else _SLAB_ROWS_GPU
+        # preallocated element-wise temporaries, reused by every slab (fresh [slab, V] allocations would page-fault
+        # on every slab on CPU)
+        work = torch.empty(6, min(slab, max(n, 1)), V, dtype=torch.float32, device=dev)
         want_grad = o.need_grad_hidden or o.need_grad_weight
         for c0 in range(0, n, o.chunk_size):
             c1 = min(c0 + o.chunk_size, n)
@@ -365,12 +370,13 @@ class _FusedLinearDistill(torch.autograd.Function):
                 ids_sl = topk_ids[c0 + r0:c0 + r1] if topk_ids is not None else None
                 lp_sl = topk_lp[c0 + r0:c0 + r1] if topk_lp is not None else None
                 lab_sl = lab[c0 + r0:c0 + r1]
+                w = work[:, :r1 - r0]
                 if o.alpha == 0:
-                    stats += _ce_only_slab(s[r0:r1], lab_sl)
+                    stats += _ce_only_slab(s[r0:r1], lab_sl, w)
                 elif o.impl == "topk":
-                    stats += _topk_slab(s[r0:r1], t_sl, ids_sl, lp_sl, lab_sl, o)
+                    stats += _topk_slab(s[r0:r1], t_sl, ids_sl, lp_sl, lab_sl, o, w)
                 else:
-                    stats += _dense_slab(s[r0:r1], t_sl, lab_sl, o)
+                    stats += _dense_slab(s[r0:r1], t_sl, lab_sl, o, w)
             del t
             if want_grad:
                 g = s.to(h_c.dtype)  # [c, V] d(total)/d(student logits)
@@ -384,7 +390,7 @@ class _FusedLinearDistill(torch.autograd.Function):
                 del g
             del s
         total = (o.alpha * o.temperature ** 2 * stats[1] + (1 - o.alpha) * stats[0]).float()
-        if grad_h is not None:
+        if grad_h is not None and compact:
             full = torch.zeros_like(student_hidden)
             full.index_copy_(0, rows, grad_h)
             grad_h = full
@@ -406,20 +412,20 @@ class _FusedLinearDistill(torch.autograd.Function):
         return grad_h, grad_w, None, None, None, None, None, None, None
 
 
-def _rowdot(a: Tensor, b: Tensor) -> Tensor:
-    """Row-wise dot product [r, V] x [r, V] -> [r] without an [r, V] temporary."""
-    return torch.linalg.vecdot(a, b)
+def _rowdot(a: Tensor, b: Tensor, scratch: Tensor) -> Tensor:
+    """Row-wise dot product [r, V] x [r, V] -> [r], through a preallocated [r, V] scratch buffer."""
+    return torch.mul(a, b, out=scratch).sum(1)
 
 
-def _ce_only_slab(s: Tensor, lab: Tensor) -> Tensor:
+def _ce_only_slab(s: Tensor, lab: Tensor, w: Tensor) -> Tensor:
     """CE at T = 1 for a slab; s [r, V] raw logits -> overwritten with softmax - onehot. Returns the stats row."""
     lab_logit = s.gather(1, lab[:, None])  # [r, 1]
     m = s.amax(1, keepdim=True)
     s.sub_(m)
-    q = torch.exp(s)
+    q = torch.exp(s, out=w[0])
     z = q.sum(1, keepdim=True)
     log_z = z.log()
-    h_q = log_z.squeeze(1) - _rowdot(q, s) / z.squeeze(1)  # student entropy at T = 1
+    h_q = log_z.squeeze(1) - _rowdot(q, s, w[1]) / z.squeeze(1)  # student entropy at T = 1
     torch.div(q, z, out=s)
     s.scatter_add_(1, lab[:, None], torch.full_like(lab_logit, -1.0))
     out = torch.zeros(len(_STATS), dtype=torch.float64, device=s.device)
@@ -427,94 +433,111 @@ def _ce_only_slab(s: Tensor, lab: Tensor) -> Tensor:
     return out
 
 
-def _dense_slab(s: Tensor, t: Tensor, lab: Tensor, o: _Opts) -> Tensor:
+def _canonical(divergence: str, beta: float, skew_lambda: float) -> str:
+    """The divergences that reduce exactly to forward / reverse KL at their endpoints."""
+    if divergence == "jsd" and beta == 0.0 or divergence == "skew_forward_kl" and skew_lambda == 0.0:
+        return "forward_kl"
+    if divergence == "jsd" and beta == 1.0 or divergence == "skew_reverse_kl" and skew_lambda == 0.0:
+        return "reverse_kl"
+    return divergence
+
+
+def _dense_slab(s: Tensor, t: Tensor, lab: Tensor, o: _Opts, w: Tensor) -> Tensor:
     """All divergences, chunked impl, one slab of rows.
 
     s [r, V] raw student logits (fp32) -> overwritten with d(total)/d(logits); t [r, V] raw teacher logits
-    (clobbered). Returns the stats row [ce, kd, agree, H(p), H(q), 0] summed over the slab (fp64).
+    (clobbered); w [6, r, V] workspace. Returns the stats row [ce, kd, agree, H(p), H(q), 0] summed over the slab
+    (fp64). Every pass over [r, V] counts (they are most of the cost beyond the GEMMs): forward and reverse KL work from
+    the unnormalised exponentials and row dot products, about 16 passes; the other divergences normalise first.
     """
     a, T = o.alpha, o.temperature
-    inv_t = 1.0 / T
+    c_kd = a * T  # d(total)/d(raw logits) = alpha * T * dD/dz + (1 - alpha) * (q_1 - onehot), z = logits / T
     lab_logit = s.gather(1, lab[:, None])  # [r, 1] raw logit of the label (CE at T = 1)
     s_max = s.amax(1, keepdim=True)
     t_max = t.amax(1, keepdim=True)
     s.sub_(s_max)
     t.sub_(t_max)
     if T != 1.0:
-        s.mul_(inv_t)
-        t.mul_(inv_t)
-    # both are now <= 0 and exactly 0 at their maxima: a shared 0 means the argmaxes agree (ties: any shared max)
-    agree = (torch.add(s, t).amax(1) == 0).sum()
-    q = torch.exp(s)  # [r, V] unnormalised
-    zq = q.sum(1, keepdim=True)
-    log_zq = zq.log()
-    s.sub_(log_zq)  # s = log q
-    q.div_(zq)  # q
-    p = torch.exp(t)
-    zp = p.sum(1, keepdim=True)
-    t.sub_(zp.log())  # t = log p
-    p.div_(zp)  # p
-    if T == 1.0:
-        lse1 = s_max + log_zq  # raw logsumexp for CE
-        q1 = q
-    else:  # CE at T = 1 from the scaled log q: raw - max = T * (log q + log zq)
-        q1 = torch.mul(s, T).add_(T * log_zq).exp_()
-        z1 = q1.sum(1, keepdim=True)
-        q1.div_(z1)
+        s.mul_(1.0 / T)
+        t.mul_(1.0 / T)
+    # s = z - max z, t = u - max u: both <= 0 and exactly 0 at their maxima, so a shared 0 means the argmaxes
+    # agree (ties: any shared maximum counts)
+    agree = (torch.add(s, t, out=w[3]).amax(1) == 0).sum()
+    e_s, e_t = torch.exp(s, out=w[0]), torch.exp(t, out=w[1])  # [r, V] unnormalised q and p
+    zq, zp = e_s.sum(1, keepdim=True), e_t.sum(1, keepdim=True)
+    log_zq, log_zp = zq.log(), zp.log()
+    h_q = log_zq.squeeze(1) - _rowdot(e_s, s, w[3]) / zq.squeeze(1)  # [r] entropy of q: log zq - <q, s>
+    h_p = log_zp.squeeze(1) - _rowdot(e_t, t, w[3]) / zp.squeeze(1)
+    if T == 1.0:  # CE at T = 1: the softmax is q itself
+        lse1, q1u, z1 = s_max + log_zq, e_s, zq
+    else:  # raw - max = T * s
+        q1u = torch.mul(s, T, out=w[2]).exp_()
+        z1 = q1u.sum(1, keepdim=True)
         lse1 = s_max + z1.log()
     ce = (lse1 - lab_logit).sum()
-    h_q = -_rowdot(q, s)  # [r] student entropy at T
-    h_p = -_rowdot(p, t)  # [r] teacher entropy at T
 
-    div = o.divergence
-    if div == "jsd" and o.beta == 0.0 or div == "skew_forward_kl" and o.skew_lambda == 0.0:
-        div = "forward_kl"
-    if div == "jsd" and o.beta == 1.0 or div == "skew_reverse_kl" and o.skew_lambda == 0.0:
-        div = "reverse_kl"
-    g = None  # d D / d (scaled student logits z), [r, V]
+    div = _canonical(o.divergence, o.beta, o.skew_lambda)
     if div == "forward_kl":
-        d = -h_p - _rowdot(p, s)
-        g = torch.sub(q, p)
+        # D = <p, log p> - <p, log q> = -H(p) - <p, s> + log zq ;  dD/dz = q - p
+        d = -h_p - _rowdot(e_t, s, w[3]) / zp.squeeze(1) + log_zq.squeeze(1)
+        coef_q = c_kd / zq
+        if T == 1.0 and a < 1.0:  # fold the CE softmax term into the same pass
+            coef_q = coef_q + (1 - a) / zq
+            q1u = None
+        torch.mul(e_s, coef_q, out=s)
+        s.addcmul_(e_t, -c_kd / zp)
     elif div == "reverse_kl":
-        d = -h_q - _rowdot(q, t)
-        g = torch.sub(s, t).sub_(d[:, None]).mul_(q)  # q * (log q - log p - D)
-    elif div == "jsd":
-        b = o.beta
-        log_m = torch.mul(p, b).add_(q, alpha=1 - b).clamp_min_(_TINY).log_()
-        kl_qm = -h_q - _rowdot(q, log_m)
-        kl_pm = -h_p - _rowdot(p, log_m)
-        d = b * kl_pm + (1 - b) * kl_qm
-        g = log_m.neg_().add_(s).sub_(kl_qm[:, None]).mul_(q).mul_(1 - b)  # (1-b) q (log q - log m - KL(q||m))
-    elif div in ("skew_forward_kl", "skew_reverse_kl") and o.skew_lambda == 1.0:
-        d = torch.zeros_like(h_p)
-        g = torch.zeros_like(q)
-    elif div == "skew_forward_kl":
-        lam = o.skew_lambda
-        mix = torch.mul(p, lam).add_(q, alpha=1 - lam).clamp_min_(_TINY)  # m
-        d = -h_p - _rowdot(p, mix.log())
-        # G = dD/dlog q = -(1 - lam) p q / m ; dD/dz = G - q * sum(G)
-        gq = mix.reciprocal_().mul_(p).mul_(q).mul_(-(1 - lam))
-        g = gq.sub_(q * gq.sum(1, keepdim=True))
-    elif div == "skew_reverse_kl":
-        lam = o.skew_lambda
-        mix = torch.mul(q, lam).add_(p, alpha=1 - lam).clamp_min_(_TINY)  # m
-        log_m = mix.log()
-        d = -h_q - _rowdot(q, log_m)
-        # G = q (log q - log m - lam q / m) (+ q, which the projection removes)
-        gq = torch.div(q, mix).mul_(-lam).sub_(log_m).add_(s).mul_(q)
-        g = gq.sub_(q * gq.sum(1, keepdim=True))
-    elif div == "tv":
-        diff = torch.sub(q, p)
-        d = 0.5 * diff.abs().sum(1)
-        gq = diff.sign_().mul_(q).mul_(0.5)
-        g = gq.sub_(q * gq.sum(1, keepdim=True))
+        torch.sub(s, t, out=t)  # t = log q - log p + (log zq - log zp)
+        shift = log_zq - log_zp
+        d = _rowdot(e_s, t, w[3]) / zq.squeeze(1) - shift.squeeze(1)  # <q, log q - log p>
+        # dD/dz = q * (log q - log p - D)
+        t.sub_(shift + d[:, None]).mul_(e_s)
+        torch.mul(t, c_kd / zq, out=s)
+        if T == 1.0 and a < 1.0:
+            s.addcmul_(e_s, (1 - a) / zq)
+            q1u = None
     else:
-        raise ValueError(f"unknown divergence {div!r}")
-
-    # d(total)/d(raw logits) = alpha * T^2 * (1/T) * g + (1 - alpha) * (q1 - onehot)
-    s.copy_(g).mul_(a * T)
+        q, p = e_s.div_(zq), e_t.div_(zp)  # normalised in place
+        if T == 1.0:
+            z1 = torch.ones_like(zq)  # q1u is e_s, now already normalised
+        log_q, log_p = s.sub_(log_zq), t.sub_(log_zp)
+        if div == "jsd":
+            b = o.beta
+            log_m = torch.mul(p, b, out=w[4]).add_(q, alpha=1 - b).clamp_min_(_TINY).log_()
+            kl_qm = -h_q - _rowdot(q, log_m, w[3])
+            kl_pm = -h_p - _rowdot(p, log_m, w[3])
+            d = b * kl_pm + (1 - b) * kl_qm
+            # dD/dz = (1 - b) q (log q - log m - KL(q || m))
+            g = log_m.neg_().add_(log_q).sub_(kl_qm[:, None]).mul_(q).mul_(1 - b)
+        elif div in ("skew_forward_kl", "skew_reverse_kl") and o.skew_lambda == 1.0:
+            d = torch.zeros_like(h_p)
+            g = w[4].zero_()
+        elif div == "skew_forward_kl":
+            lam = o.skew_lambda
+            mix = torch.mul(p, lam, out=w[4]).add_(q, alpha=1 - lam).clamp_min_(_TINY)  # m
+            d = -h_p - _rowdot(p, torch.log(mix, out=w[5]), w[3])
+            # G = dD/dlog q = -(1 - lam) p q / m ;  dD/dz = G - q * sum(G)
+            gq = mix.reciprocal_().mul_(p).mul_(q).mul_(-(1 - lam))
+            g = gq.addcmul_(q, -gq.sum(1, keepdim=True))
+        elif div == "skew_reverse_kl":
+            lam = o.skew_lambda
+            mix = torch.mul(q, lam, out=w[4]).add_(p, alpha=1 - lam).clamp_min_(_TINY)  # m
+            log_m = torch.log(mix, out=w[5])
+            d = -h_q - _rowdot(q, log_m, w[3])
+            # G = q (log q - log m - lam q / m) (+ q, which the projection removes)
+            gq = torch.div(q, mix, out=w[4]).mul_(-lam).sub_(log_m).add_(log_q).mul_(q)
+            g = gq.addcmul_(q, -gq.sum(1, keepdim=True))
+        elif div == "tv":
+            diff = torch.sub(q, p, out=w[4])
+            d = 0.5 * torch.abs(diff, out=w[3]).sum(1)
+            gq = diff.sign_().mul_(q).mul_(0.5)
+            g = gq.addcmul_(q, -gq.sum(1, keepdim=True))
+        else:
+            raise ValueError(f"unknown divergence {div!r}")
+        torch.mul(g, c_kd, out=s)
     if a < 1.0:
-        s.add_(q1, alpha=1 - a)
+        if q1u is not None:
+            s.addcmul_(q1u, (1 - a) / z1)
         s.scatter_add_(1, lab[:, None], torch.full_like(lab_logit, -(1 - a)))
     out = torch.zeros(len(_STATS), dtype=torch.float64, device=s.device)
     out[0], out[1], out[2], out[3], out[4] = ce, d.sum(), agree, h_p.sum(), h_q.sum()
@@ -522,7 +545,7 @@ def _dense_slab(s: Tensor, t: Tensor, lab: Tensor, o: _Opts) -> Tensor:
 
 
 def _topk_slab(s: Tensor, t: Tensor | None, ids: Tensor | None, lp1: Tensor | None, lab: Tensor,
-               o: _Opts) -> Tensor:
+               o: _Opts, w: Tensor) -> Tensor:
     """Top-k with a tail bucket, one slab of rows.
 
     s [r, V] raw student logits -> overwritten with d(total)/d(logits). The teacher is either t [r, V] raw logits
@@ -540,7 +563,7 @@ def _topk_slab(s: Tensor, t: Tensor | None, ids: Tensor | None, lp1: Tensor | No
             t.mul_(inv_t)
         vals, ids = t.topk(k, dim=1, sorted=False)  # [r, k] scaled logits - max
         t.scatter_(1, ids, _NEG_INF)
-        log_tail = _masked_lse(t)  # [r, 1] logsumexp of the non-top-k scaled logits
+        log_tail = _masked_lse(t, w[0])  # [r, 1] logsumexp of the non-top-k scaled logits
         log_z = torch.logaddexp(log_tail, vals.logsumexp(1, keepdim=True))
         lp = torch.cat([vals, log_tail], 1) - log_z  # [r, k + 1]
     else:
@@ -562,7 +585,7 @@ def _topk_slab(s: Tensor, t: Tensor | None, ids: Tensor | None, lp1: Tensor | No
     agree = (s.gather(1, t_arg) == 0).sum()  # teacher argmax is a student maximum
     q1 = None
     if T != 1.0:
-        q1 = torch.exp(s)  # CE at T = 1 needs the raw softmax
+        q1 = torch.exp(s, out=w[1])  # CE at T = 1 needs the raw softmax
         z1 = q1.sum(1, keepdim=True)
         q1.div_(z1)
         lse1 = s_max + z1.log()
@@ -613,11 +636,8 @@ def _topk_slab(s: Tensor, t: Tensor | None, ids: Tensor | None, lp1: Tensor | No
     return out
 
 
-def _masked_lse(x: Tensor) -> Tensor:
-    """Row logsumexp [r, V] -> [r, 1] of x, which may hold -inf (whole rows of -inf give -inf, not NaN).
-
-    Clobbers nothing; allocates one [r, V] temporary.
-    """
+def _masked_lse(x: Tensor, scratch: Tensor) -> Tensor:
+    """Row logsumexp [r, V] -> [r, 1] of x, which may hold -inf (whole rows of -inf give -inf, not NaN)."""
     m = x.amax(1, keepdim=True)
     m = torch.where(torch.isfinite(m), m, 0.0)
-    return m + torch.exp(x - m).sum(1, keepdim=True).log()
+    return m + torch.sub(x, m, out=scratch).exp_().sum(1, keepdim=True).log()
