@@ -138,11 +138,16 @@ class TrainConfig:
     offload_optimizer: bool = False
     """Keep the optimizer states in CPU memory (ZeRO-Offload)."""
     nonfinite: Literal["abort", "skip"] = "abort"
-    """On a non-finite loss or grad norm: abort (save the last good weights and exit) or skip the step."""
+    """On a non-finite loss (any rank) or gradient norm the update is discarded before the optimizer touches the
+    weights (DeepSpeed's overflow check; the LR schedule does not advance). abort: checkpoint the last good step and
+    exit with code 2, naming the step and the rank(s). skip: go on with the next batch (the step counts, is not
+    logged, and needs ZeRO stage >= 1 or bf16/fp16: ZeRO-0 in fp32 has no overflow check)."""
     max_skipped_steps: int = 10
-    """With train.nonfinite = skip, abort after this many skipped steps."""
+    """With train.nonfinite = skip, abort after this many skipped steps (counted over resumes)."""
     watchdog_timeout_s: float = 1800.0
-    """A collective stuck longer than this raises an error with each rank's stack; 0 disables the watchdog."""
+    """A rank that makes no progress (no step boundary) for this long prints its stack and exits with code 3: a
+    stuck collective becomes an error instead of a hang. Must exceed the longest step, checkpoint save and eval;
+    0 disables it (the process group's own timeout, at least 1800 s, still applies)."""
     log_every: int = 1
     """Write metrics every N optimizer steps."""
 
@@ -150,20 +155,41 @@ class TrainConfig:
 @dataclass
 class CheckpointConfig:
     every_steps: int = 0
-    """Save a DeepSpeed checkpoint every N optimizer steps (0 = only at the end and on SIGTERM)."""
+    """Save a DeepSpeed checkpoint every N optimizer steps (0 = only at the end and on SIGTERM). On SIGTERM every
+    rank saves at the next step boundary and the run exits with code 143; run the same command to resume."""
     keep_last: int = 2
     """Keep the newest N complete checkpoints."""
     resume: str = "auto"
-    """auto: continue from output_dir's latest complete checkpoint if there is one. never: start fresh.
-    A path: resume from that checkpoint directory."""
+    """auto: continue from output_dir's latest complete checkpoint if there is one (same data order, RNG, W&B run
+    and metrics.jsonl; needs the same world size). never: start fresh. A path: resume from that checkpoint
+    directory (DeepSpeed checkpoints are pickles: only resume from checkpoints your own runs wrote)."""
 
 
 @dataclass
 class EvalConfig:
     every_steps: int = 0
-    """Evaluate on data.eval_files every N steps (0 = only at the end, if eval files are given)."""
+    """Evaluate on data.eval_files every N steps (0 = only at the end, if eval files are given). A fresh run also
+    evaluates at step 0, before training: the 'before' column of the report."""
     max_batches: int = 0
     """Cap the number of eval micro-batches per rank (0 = the whole eval set)."""
+    micro_batch_size: int = 0
+    """Sequences per rank per eval forward (0 = train.micro_batch_size)."""
+    cache_teacher: bool = True
+    """Keep the teacher's final hidden states at the eval set's trained positions in CPU memory after the first
+    eval, so later evals skip the teacher's decoder (exact; costs trained eval tokens x teacher hidden size x 2-4
+    bytes per rank). false: run the teacher at every eval."""
+    generations: int = 3
+    """At the end of the run, rank 0 writes output_dir/generations.md: teacher, student before and student after
+    side by side for this many prompts (the first eval samples' prompts, or eval.prompts_file) at each of
+    eval.temperatures. It loads each model whole on rank 0, one at a time. 0 = off."""
+    prompts_file: Optional[str] = None
+    """Prompts for generations.md: .txt (one per line) or .jsonl ({"prompt": ...} or {"messages": [...]})."""
+    temperatures: list[float] = field(default_factory=lambda: [0.1, 0.7, 1.2])
+    """Sampling temperatures of generations.md (each with a fixed seed per prompt and temperature)."""
+    max_new_tokens: int = 48
+    """Tokens generated per prompt and temperature in generations.md."""
+    seed: int = 0
+    """Base seed of the generations (prompt i, temperature j use seed + 1000 * i + j)."""
 
 
 @dataclass
@@ -280,6 +306,16 @@ def validate(cfg: DistillConfig, world_size: Optional[int] = None) -> None:
         p.append(f"eval.every_steps: {cfg.eval.every_steps} must be >= 0")
     if cfg.eval.every_steps > 0 and not D.eval_files:
         p.append("eval.every_steps: > 0 but data.eval_files is empty -> add eval files or set eval.every_steps: 0")
+    E = cfg.eval
+    if E.max_batches < 0 or E.micro_batch_size < 0 or E.generations < 0:
+        p.append(f"eval.max_batches / eval.micro_batch_size / eval.generations: must be >= 0 (got {E.max_batches}, "
+                 f"{E.micro_batch_size}, {E.generations})")
+    if E.max_new_tokens < 1:
+        p.append(f"eval.max_new_tokens: {E.max_new_tokens} must be >= 1")
+    if any(t <= 0 for t in E.temperatures):
+        p.append(f"eval.temperatures: {E.temperatures} must all be > 0 (0.1 is nearly greedy)")
+    if E.prompts_file is not None and not os.path.isfile(E.prompts_file):
+        p.append(f"eval.prompts_file: '{E.prompts_file}' does not exist -> a .txt (one prompt per line) or .jsonl")
     if cfg.student.lora.rank < 0:
         p.append(f"student.lora.rank: {cfg.student.lora.rank} must be >= 0")
     if cfg.student.lora.rank > 0:

@@ -113,10 +113,16 @@ class StudentWithLoss(nn.Module):
     def hf_model(self) -> nn.Module:
         return self.model
 
+    @property
+    def lm_head_weight(self) -> nn.Parameter:
+        return _lm_head(self.model).weight
+
     def forward(self, input_ids, attention_mask, labels, loss_kwargs: dict, teacher_hidden=None,
-                teacher_weight=None, teacher_topk=None):
+                teacher_weight=None, teacher_topk=None, hidden_only: bool = False):
         hidden = _decoder(self.model)(input_ids=input_ids, attention_mask=attention_mask,
                                       use_cache=False).last_hidden_state  # [B, S, H]
+        if hidden_only:  # evaluation (evaluate.py): the final hidden states, through the engine's ZeRO-3 hooks
+            return hidden
         targets = labels[:, 1:].reshape(-1)  # [N]
         keep = (targets != IGNORE_INDEX).nonzero().squeeze(1)
         if keep.numel() == 0:  # fully masked micro-batch: one ignored row keeps every rank's graph identical

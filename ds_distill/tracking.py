@@ -56,7 +56,8 @@ class Tracker:
             self.run.log(row)
         if self._bar is not None:
             self._bar.n = step
-            self._bar.set_postfix(loss=f"{row.get('loss/total', float('nan')):.4f}", refresh=False)
+            if "loss/total" in row:  # eval rows (eval/...) share the step but carry no loss
+                self._bar.set_postfix(loss=f"{row['loss/total']:.4f}", refresh=False)
             self._bar.refresh()
 
     def message(self, text: str) -> None:
