@@ -1,0 +1,184 @@
+"""Held-out evaluation of one or more students against a teacher: perplexities, KL(teacher || student), top-1
+agreement (token-weighted over the trained tokens), as JSON and a markdown table; optionally generations side by side.
+
+    python launch/eval.py --model outputs/run/final --teacher path/to/teacher --data eval.jsonl --format chat \
+        --out outputs/run/eval [--student_before path/to/student_init --prompts prompts.txt]
+    deepspeed --num_gpus N launch/eval.py ...            (data-parallel: each rank evaluates a shard; sums all-reduced)
+    deepspeed --num_gpus N launch/eval.py --zero3 ...    (models partitioned with ZeRO-3, for models too big for a GPU)
+
+Several --model paths give one column each (the teacher runs once; its hidden states are reused for every model).
+Writes OUT/eval.json, OUT/eval.md and, when --student_before or --prompts is given, OUT/generations.md (teacher,
+student before, student after at temperatures 0.1 / 0.7 / 1.2 with fixed seeds; rank 0 only).
+Exit codes: 0 done, 2 a problem with the inputs (message says which), 1 otherwise.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+
+import torch  # noqa: E402
+
+from ds_distill import data, evaluate  # noqa: E402
+from ds_distill.errors import DistillError  # noqa: E402
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", nargs="+", required=True, help="student model directory (or several)")
+    ap.add_argument("--names", nargs="+", help="column names for --model (default: 'student' or directory names)")
+    ap.add_argument("--teacher", help="teacher model directory (adds teacher perplexity, KL and agreement)")
+    ap.add_argument("--student_before", help="the student before training: evaluated too, and used in generations")
+    ap.add_argument("--data", nargs="+", required=True, help="held-out files (json/jsonl/parquet/txt)")
+    ap.add_argument("--format", default="text", choices=data.FORMATS, help="data format (as data.format)")
+    ap.add_argument("--text_field", default="text", help="as data.text_field")
+    ap.add_argument("--max_length", type=int, default=512, help="sequences truncated to this many tokens")
+    ap.add_argument("--micro_batch_size", type=int, default=4, help="sequences per rank per forward")
+    ap.add_argument("--max_batches", type=int, default=0, help="cap eval micro-batches per rank (0 = all)")
+    ap.add_argument("--chunk_size", type=int, default=1024, help="positions per lm_head chunk ([chunk, V] logits)")
+    ap.add_argument("--tokenizer", help="tokenizer directory (default: the teacher's, else the first model's)")
+    ap.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                    help="auto: bf16 on GPUs, fp32 on CPU")
+    ap.add_argument("--zero3", action="store_true", help="partition the models with ZeRO-3 across the ranks")
+    ap.add_argument("--teacher_ds_config", default=os.path.join(os.path.dirname(os.path.dirname(
+        os.path.abspath(__file__))), "ds_configs", "teacher_zero3.json"), help="DeepSpeed JSON used with --zero3")
+    ap.add_argument("--prompts", help="prompts file for generations (.txt one per line, or .jsonl)")
+    ap.add_argument("--generations", type=int, default=3,
+                    help="prompts in generations.md (from --prompts, else the first eval samples); 0 = none")
+    ap.add_argument("--temperatures", type=float, nargs="+", default=list(evaluate.TEMPERATURES))
+    ap.add_argument("--max_new_tokens", type=int, default=48)
+    ap.add_argument("--seed", type=int, default=0, help="generation seed base (prompt i, temperature j: +1000i+j)")
+    ap.add_argument("--out", required=True, help="output directory for eval.json / eval.md / generations.md")
+    ap.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the deepspeed launcher
+    args = ap.parse_args(argv)
+    if args.names and len(args.names) != len(args.model):
+        ap.error(f"--names has {len(args.names)} entries for {len(args.model)} --model paths")
+    return args
+
+
+def _free_port() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+def column_names(args) -> list[str]:
+    if args.names:
+        return list(args.names)
+    if len(args.model) == 1:
+        return ["student after" if args.student_before else "student"]
+    return [os.path.basename(os.path.normpath(p)) or p for p in args.model]
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from ds_distill import models, vocab
+
+    distributed = args.zero3 or int(os.environ.get("WORLD_SIZE", "1")) > 1
+    engines = None
+    if distributed:
+        from ds_distill import engines  # imports deepspeed: only when ranks are involved
+        if "WORLD_SIZE" not in os.environ:  # --zero3 in a plain process: a private port, not the shared 29500
+            os.environ.setdefault("MASTER_PORT", _free_port())
+        rank, world, _ = engines.init_distributed()
+        device = engines.device()
+    else:
+        rank, world = 0, 1
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        t0 = time.time()
+        precision = args.dtype if args.dtype != "auto" else ("fp32" if device.type == "cpu" else "bf16")
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+        paths = ([("teacher", args.teacher)] if args.teacher else []) + [
+            (f"--model {p}", p) for p in args.model] + ([("student_before", args.student_before)]
+                                                        if args.student_before else [])
+        for key, p in paths:
+            models.check_model_dir(p, key)
+        tokenizer = models.load_tokenizer(args.tokenizer or args.teacher or args.model[0])
+        if args.teacher:
+            for _, p in paths[1:]:
+                vocab.check_tokenizers_compatible(models.load_tokenizer(args.teacher), models.load_tokenizer(p))
+        ds = data.build_dataset(args.data, args.format, tokenizer, args.max_length, args.text_field)
+
+        def load(path):
+            """(hidden_fn, lm_head weight, rows): a plain HF model on this device, or a ZeRO-3 inference engine."""
+            if not args.zero3:
+                m = models.load_causal_lm(path, dtype=dtype).to(device).eval()
+                fn, w = evaluate.hf_parts(m)
+                return fn, w, w.shape[0]
+            ds_cfg = engines.teacher_ds_config(args.teacher_ds_config, micro_batch_size=args.micro_batch_size,
+                                               world_size=world, precision=precision, offload_params=False)
+            m = engines.load_partitioned(lambda: models.load_causal_lm(path, dtype=dtype), ds_cfg)
+            rows = models.vocab_rows(m)
+            eng = engines.build_teacher_engine(models.TeacherHidden(m), ds_cfg)
+            return (lambda ids, mask: eng(ids, mask)), eng.module.lm_head_weight, rows
+
+        def batches():
+            b = data.eval_batches(ds, rank=rank, world_size=world, micro_batch_size=args.micro_batch_size,
+                                  pad_token_id=tokenizer.pad_token_id)
+            for i, mb in enumerate(b):
+                if args.max_batches and i >= args.max_batches:
+                    return
+                yield mb
+
+        gather = engines.gathered if args.zero3 else evaluate._no_gather
+        reduce = engines.all_reduce_sum if distributed else (lambda t: t)
+        t_fn = t_w = None
+        t_rows = None
+        if args.teacher:
+            t_fn, t_w, t_rows = load(args.teacher)
+        cache = evaluate.TeacherCache() if args.teacher else None
+        columns = ([("student before", args.student_before)] if args.student_before else []) + list(
+            zip(column_names(args), args.model))
+        results = {}
+        for name, path in columns:
+            s_fn, s_w, s_rows = load(path)
+            vocab_size, _ = vocab.reconcile_vocab(t_rows or s_rows, s_rows, len(tokenizer))
+            results[name] = evaluate.evaluate(
+                batches(), student_hidden_fn=s_fn, student_weight=s_w, teacher_hidden_fn=t_fn, teacher_weight=t_w,
+                teacher_cache=cache, vocab_size=vocab_size, chunk_size=args.chunk_size, device=device,
+                gather=gather, all_reduce=reduce)
+            results[name]["model"] = path
+            del s_fn, s_w
+        seconds = time.time() - t0
+        gen_path = None
+        if rank == 0:
+            os.makedirs(args.out, exist_ok=True)
+            with open(os.path.join(args.out, "eval.json"), "w") as f:
+                json.dump({"results": results, "teacher": args.teacher, "data": args.data, "format": args.format,
+                           "max_length": args.max_length, "world_size": world, "zero3": args.zero3,
+                           "dtype": precision, "seconds": seconds}, f, indent=1)
+            table = evaluate.markdown_table(results)
+            with open(os.path.join(args.out, "eval.md"), "w") as f:
+                f.write(f"# Held-out evaluation\n\ndata: {', '.join(args.data)} ({args.format}, max_length "
+                        f"{args.max_length}); teacher: {args.teacher or '-'}\n\n{table}\n")
+            print(table, flush=True)
+            if args.generations > 0 and (args.prompts or args.student_before):
+                prompts = (evaluate.prompts_from_file(args.prompts, tokenizer, args.format)[:args.generations]
+                           if args.prompts else evaluate.prompts_from_dataset(ds, args.generations))
+                gen_models = ([("teacher", args.teacher)] if args.teacher else []) + (
+                    [("student before", args.student_before)] if args.student_before else []) + list(
+                    zip(column_names(args), args.model))
+                rows = evaluate.side_by_side(gen_models, prompts, tokenizer, temperatures=args.temperatures,
+                                             seed=args.seed, max_new_tokens=args.max_new_tokens, device=device,
+                                             dtype=dtype)
+                gen_path = os.path.join(args.out, "generations.md")
+                evaluate.write_generations_md(rows, gen_path)
+            print(f"wrote {os.path.join(args.out, 'eval.json')}, eval.md"
+                  + (", generations.md" if gen_path else "") + f" ({seconds:.1f} s)", file=sys.stderr, flush=True)
+        return 0
+    except DistillError as e:
+        print(f"[ds_distill] error (rank {rank}): {e}", file=sys.stderr, flush=True)
+        return 2
+    finally:
+        if engines is not None:
+            engines.shutdown()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
