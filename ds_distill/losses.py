@@ -357,37 +357,27 @@ class _FusedLinearDistill(torch.autograd.Function):
         slab = _SLAB_ROWS_CPU if dev.type == "cpu" else _SLAB_ROWS_GPU
         # preallocated element-wise temporaries, reused by every slab (fresh [slab, V] allocations would page-fault
         # on every slab on CPU)
-        work = torch.empty(6, min(slab, max(n, 1)), V, dtype=torch.float32, device=dev)
+        work = torch.empty(6, min(slab, max(n, 1)), V, dtype=torch.float32, device=dev)  # [6, slab, V]
         want_grad = o.need_grad_hidden or o.need_grad_weight
         for c0 in range(0, n, o.chunk_size):
             c1 = min(c0 + o.chunk_size, n)
             h_c = h[c0:c1]
             s = (h_c @ w_s.T).float()  # [c, V] student logits, becomes d(total)/d(logits) in place
             t = (t_hidden[c0:c1] @ w_t.T).float() if (o.alpha > 0 and t_hidden is not None) else None  # [c, V]
-            for r0 in range(0, c1 - c0, slab):
-                r1 = min(r0 + slab, c1 - c0)
-                t_sl = t[r0:r1] if t is not None else None
-                ids_sl = topk_ids[c0 + r0:c0 + r1] if topk_ids is not None else None
-                lp_sl = topk_lp[c0 + r0:c0 + r1] if topk_lp is not None else None
-                lab_sl = lab[c0 + r0:c0 + r1]
-                w = work[:, :r1 - r0]
-                if o.alpha == 0:
-                    stats += _ce_only_slab(s[r0:r1], lab_sl, w)
-                elif o.impl == "topk":
-                    stats += _topk_slab(s[r0:r1], t_sl, ids_sl, lp_sl, lab_sl, o, w)
-                else:
-                    stats += _dense_slab(s[r0:r1], t_sl, lab_sl, o, w)
-            del t
+            ids_c = topk_ids[c0:c1] if topk_ids is not None else None
+            lp_c = topk_lp[c0:c1] if topk_lp is not None else None
+            stats += _chunk_slabs(s, t, ids_c, lp_c, lab[c0:c1], o, work)
+            del t  # no view of it survives (_chunk_slabs owns them): freed before the next chunk allocates
             if want_grad:
-                g = s.to(h_c.dtype)  # [c, V] d(total)/d(student logits)
+                # [c, V] d(total)/d(student logits) in the matmul dtype; for bf16 the fp32 buffer is dropped here
+                s = s.to(h_c.dtype)
                 if grad_h is not None:
-                    torch.mm(g, w_s, out=grad_h[c0:c1])
+                    torch.mm(s, w_s, out=grad_h[c0:c1])
                 if grad_w is not None:
                     if low_precision_w:
-                        grad_w[:V] += (g.T @ h_c).float()
+                        grad_w[:V] += (s.T @ h_c).float()
                     else:
-                        grad_w[:V].addmm_(g.T, h_c)
-                del g
+                        grad_w[:V].addmm_(s.T, h_c)
             del s
         total = (o.alpha * o.temperature ** 2 * stats[1] + (1 - o.alpha) * stats[0]).float()
         if grad_h is not None and compact:
@@ -410,6 +400,24 @@ class _FusedLinearDistill(torch.autograd.Function):
         grad_h = grad_h.mul_(grad_total.to(grad_h.dtype)) if grad_h is not None else None
         grad_w = grad_w.mul_(grad_total.to(grad_w.dtype)) if grad_w is not None else None
         return grad_h, grad_w, None, None, None, None, None, None, None
+
+
+def _chunk_slabs(s: Tensor, t: Tensor | None, ids: Tensor | None, lp: Tensor | None, lab: Tensor, o: _Opts,
+                 work: Tensor) -> Tensor:
+    """Run the element-wise part over one chunk, `work.shape[1]` rows at a time; returns the summed stats row."""
+    stats = torch.zeros(len(_STATS), dtype=torch.float64, device=s.device)
+    slab = work.shape[1]
+    for r0 in range(0, s.shape[0], slab):
+        r1 = min(r0 + slab, s.shape[0])
+        w = work[:, :r1 - r0]
+        if o.alpha == 0:
+            stats += _ce_only_slab(s[r0:r1], lab[r0:r1], w)
+        elif o.impl == "topk":
+            stats += _topk_slab(s[r0:r1], t[r0:r1] if t is not None else None, ids[r0:r1] if ids is not None else None,
+                                lp[r0:r1] if lp is not None else None, lab[r0:r1], o, w)
+        else:
+            stats += _dense_slab(s[r0:r1], t[r0:r1], lab[r0:r1], o, w)
+    return stats
 
 
 def _rowdot(a: Tensor, b: Tensor, scratch: Tensor) -> Tensor:
