@@ -2,7 +2,7 @@
 process.
 
     python benchmarks/kd_loss.py                       # the default plan (about 15 min on the 2-core CPU box)
-    python benchmarks/kd_loss.py --n 1024 --methods chunked matmul
+    python benchmarks/kd_loss.py --n 1024 --methods chunked matmul chunked@256   # method@chunk_size overrides
 
 Setup: V = 151,936, student hidden 1024, teacher hidden 2560, N tokens (all trained), fp32 on CPU (bf16 matmuls are
 emulated there), torch.set_num_threads(2), alpha = 0.5, T = 1, forward KL unless the method says otherwise.
@@ -38,7 +38,7 @@ V, HS, HT = 151936, 1024, 2560
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_PLAN = {  # N -> methods; sized to keep the whole run near 15 minutes on the 2-core CPU box
     1024: ["matmul", "naive", "seed_topk", "full", "chunked", "topk", "chunked_jsd", "liger"],
-    4096: ["matmul", "naive", "seed_topk", "chunked", "topk", "topk_cache", "liger"],
+    4096: ["matmul", "naive", "seed_topk", "chunked", "chunked@256", "topk", "topk_cache", "liger"],
     8192: ["matmul", "chunked"],
 }
 NAIVE_LIKE = ("naive", "seed_topk", "full")
@@ -202,21 +202,24 @@ def _fits(method: str, n: int) -> tuple[bool, str]:
     return True, ""
 
 
-def run_one(method: str, n: int, args) -> dict:
+def run_one(spec: str, n: int, args) -> dict:
+    """spec = method or method@chunk_size (e.g. chunked@256)."""
+    method, _, chunk = spec.partition("@")
     ok, why = _fits(method, n)
     if not ok:
-        return dict(method=method, n=n, skipped=why)
+        return dict(method=spec, n=n, skipped=why)
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", method, "--n", str(n),
-           "--chunk-size", str(args.chunk_size), "--top-k", str(args.top_k)]
+           "--chunk-size", chunk or str(args.chunk_size), "--top-k", str(args.top_k)]
     load = os.getloadavg()[0]
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
     except subprocess.TimeoutExpired:
-        return dict(method=method, n=n, skipped=f"timed out after {args.timeout} s")
+        return dict(method=spec, n=n, skipped=f"timed out after {args.timeout} s")
     if p.returncode != 0:
         tail = (p.stderr or p.stdout).strip().splitlines()[-3:]
-        return dict(method=method, n=n, skipped=f"failed (rc {p.returncode}): {' | '.join(tail)}")
+        return dict(method=spec, n=n, skipped=f"failed (rc {p.returncode}): {' | '.join(tail)}")
     res = json.loads(p.stdout.strip().splitlines()[-1])
+    res["method"] = spec
     res["load_before"] = round(load, 1)
     return res
 
@@ -224,6 +227,9 @@ def run_one(method: str, n: int, args) -> dict:
 def report(results: list[dict]) -> str:
     flops = {n: 2 * n * V * (HT + 3 * HS) for n in {r["n"] for r in results}}
     base = {(r["n"], r["method"]): r for r in results if "seconds" in r}
+    # time ratios are taken to the matmul-only run at the same N (and the same chunk size when there is one)
+    mm_by_chunk = {(r["n"], r["chunk_size"]): r for r in results if r.get("method", "").startswith("matmul")
+                   and "seconds" in r}
     lines = ["| N | method | wall s | CPU s | x naive wall | x matmul-only wall (CPU) | peak MB above inputs |"
              " x naive peak | peak minus the 622 MB lm_head grad | load avg before |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -232,7 +238,8 @@ def report(results: list[dict]) -> str:
         if "seconds" not in r:
             lines.append(f"| {r['n']} | {r['method']} | - | - | - | - | - | - | - | {r['skipped']} |")
             continue
-        naive, mm = base.get((r["n"], "naive")), base.get((r["n"], "matmul"))
+        naive = base.get((r["n"], "naive"))
+        mm = mm_by_chunk.get((r["n"], r["chunk_size"]), base.get((r["n"], "matmul")))
         tn = f"{r['seconds'] / naive['seconds']:.2f}" if naive else "-"
         tm = f"{r['seconds'] / mm['seconds']:.2f} ({r['cpu_seconds'] / mm['cpu_seconds']:.2f})" if mm else "-"
         pn = f"1/{naive['peak_mb'] / max(r['peak_mb'], 1):.1f}" if naive else "-"

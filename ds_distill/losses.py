@@ -43,8 +43,9 @@ Implementations (``impl=``)
   the hidden-state rows' gradient and accumulate the lm_head gradient. Gradients are therefore computed DURING
   forward (as Liger's fused linear losses do) and backward only multiplies them by grad_output: under ZeRO-3 the
   lm_head is gathered only around the module's forward, and no [N, V] tensor lives until backward.
-  Working memory: two [c, V] fp32 buffers, a few [8, V] temporaries (CPU; [128, V] on GPU), the fp32 lm_head
-  gradient accumulator [V_rows, H] and the hidden gradient [N, H]. No tensor larger than c x V exists.
+  Working memory: two [c, V] fp32 buffers (plus a bf16 copy of one for bf16 matmuls), six [8, V] temporaries
+  (CPU; [128, V] on GPU), the lm_head gradient [V_rows, H] (fp32 accumulator when bf16 and more than one chunk)
+  and the hidden gradient [N, H]. No tensor larger than c x V exists.
 - ``topk``: the teacher keeps its top ``top_k`` tokens per position, computed chunked from the teacher hidden states
   (the teacher's [c, V] logits exist one chunk at a time) or read from an offline cache (``teacher_topk``: ids and
   full-vocabulary-normalised log-probs at T = 1, then the teacher needs no logits at all).
@@ -350,9 +351,11 @@ class _FusedLinearDistill(torch.autograd.Function):
         h = student_hidden.index_select(0, rows) if compact else student_hidden  # [n, Hs]
         grad_h = (torch.zeros_like(h) if compact else torch.empty_like(h)) if o.need_grad_hidden else None
         # fp32 accumulator of the lm_head gradient across chunks (a bf16 accumulator would round at every chunk)
-        grad_w = (torch.zeros(student_weight.shape, dtype=torch.float32, device=dev)
-                  if o.need_grad_weight else None)
-        low_precision_w = student_weight.dtype != torch.float32
+        # lm_head gradient: accumulated in fp32 across chunks (a bf16 accumulator would round at every chunk); a
+        # single chunk writes it directly in the weight's dtype
+        accumulate_fp32 = student_weight.dtype != torch.float32 and n > o.chunk_size
+        grad_w = (torch.zeros(student_weight.shape, dtype=torch.float32 if accumulate_fp32 else student_weight.dtype,
+                              device=dev) if o.need_grad_weight else None)
         stats = torch.zeros(len(_STATS), dtype=torch.float64, device=dev)
         slab = _SLAB_ROWS_CPU if dev.type == "cpu" else _SLAB_ROWS_GPU
         # preallocated element-wise temporaries, reused by every slab (fresh [slab, V] allocations would page-fault
@@ -374,7 +377,7 @@ class _FusedLinearDistill(torch.autograd.Function):
                 if grad_h is not None:
                     torch.mm(s, w_s, out=grad_h[c0:c1])
                 if grad_w is not None:
-                    if low_precision_w:
+                    if accumulate_fp32:
                         grad_w[:V] += (s.T @ h_c).float()
                     else:
                         grad_w[:V].addmm_(s.T, h_c)
@@ -384,7 +387,7 @@ class _FusedLinearDistill(torch.autograd.Function):
             full = torch.zeros_like(student_hidden)
             full.index_copy_(0, rows, grad_h)
             grad_h = full
-        if grad_w is not None and low_precision_w:
+        if grad_w is not None and accumulate_fp32:
             grad_w = grad_w.to(student_weight.dtype)
         ctx.grads = [grad_h, grad_w]
         ctx.mark_non_differentiable(stats)
