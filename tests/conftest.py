@@ -14,6 +14,9 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+# The venv's ninja first: DeepSpeed's JIT ops (~/.cache/torch_extensions) are rebuilt whenever a different ninja
+# sees them, and every launch waits on that rebuild's lock (minutes).
+os.environ["PATH"] = f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"
 
 
 def free_port() -> int:

@@ -3,6 +3,7 @@
 #   bash tests/run.sh [pytest args]
 set -euo pipefail
 cd "$(dirname "$0")/.."
+bash .ci/slurm_setup.sh   # slurm-wlm + munge for tests/test_slurm.py (only as root; otherwise it says why it skips)
 VENV=$(bash launch/install.sh | tail -n 1)
 export PATH="$PWD/$VENV/bin:$PATH"
 exec "$VENV/bin/python" -m pytest -q -ra tests "$@"
