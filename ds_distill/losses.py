@@ -350,7 +350,6 @@ class _FusedLinearDistill(torch.autograd.Function):
         compact = n != N  # the trainer usually passes trained positions only: then no copy at all
         h = student_hidden.index_select(0, rows) if compact else student_hidden  # [n, Hs]
         grad_h = (torch.zeros_like(h) if compact else torch.empty_like(h)) if o.need_grad_hidden else None
-        # fp32 accumulator of the lm_head gradient across chunks (a bf16 accumulator would round at every chunk)
         # lm_head gradient: accumulated in fp32 across chunks (a bf16 accumulator would round at every chunk); a
         # single chunk writes it directly in the weight's dtype
         accumulate_fp32 = student_weight.dtype != torch.float32 and n > o.chunk_size
