@@ -127,6 +127,9 @@ def build(cfg: DistillConfig) -> Run:
     wrapper = models.StudentWithLoss(student, engines.register_external_param)
     student_engine = engines.build_student_engine(wrapper, student_ds, warmup_steps=T.warmup_steps,
                                                   max_steps=T.max_steps, min_lr_ratio=T.min_lr_ratio)
+    # from_pretrained returns the model in eval mode: without train(), activation checkpointing (which HF applies
+    # only in training mode) and dropout (LoRA's included) would silently be off
+    student_engine.train()
     held, total = engines.partition_counts(student_engine.module)
     print(f"[ds_distill] rank {rank}/{world}: student ZeRO-{T.zero_stage} holds {held} of {total} parameter "
           f"elements ({100.0 * held / max(total, 1):.1f}%)", flush=True)

@@ -1,0 +1,343 @@
+"""Per-device memory estimate of a distillation run, from the models' config.json files only (no weights).
+
+    python launch/plan.py --config ds_configs/X.yaml --gpu_memory_gb 80 --num_gpus 8 [--nodes 2]
+
+The model: every rank holds a ZeRO shard of the student and of the teacher (both engines span all ranks, as the
+trainer builds them) and runs one micro-batch of `train.micro_batch_size` sequences of `data.max_length` tokens.
+Bytes per rank, with e = bytes per weight element (2 for bf16/fp16, 4 for fp32), N = student elements,
+Nt = trainable student elements (N, or the LoRA adapters), dp = number of ranks:
+
+Resident for the whole run ("states")
+  student parameters   ZeRO-3: N e / dp.   ZeRO 0-2: N e.
+  optimizer            AdamW m and v in fp32 (8 Nt bytes, created at the first step) + an fp32 master copy
+                       (4 Nt), over dp at ZeRO >= 1. ZeRO 1-3 keep the master partition as a separate copy even when
+                       the weights are fp32 (seen with DeepSpeed 0.19.8); ZeRO-0 has one only in bf16/fp16.
+  gradients            ZeRO-3: fp32 partitions 4 Nt / dp. ZeRO-2: Nt e / dp. ZeRO-0/1: full Nt e.
+                       train.offload_optimizer moves optimizer states, master weights and (ZeRO-3) gradient
+                       partitions to host memory.
+  reduce bucket        ZeRO-2/3 copy gradients into a contiguous bucket of reduce_bucket_size elements (DeepSpeed
+                       default 5e8: 1 GB in bf16). On CPU only the part gradients touch counts: min(bucket, Nt).
+  teacher parameters   ZeRO-3 shard N_teacher e / dp (host memory with teacher.offload_params).
+
+Transient, at the largest of three moments
+  student forward end  (the peak in practice) ZeRO-3 gathered student weights: DeepSpeed keeps parameters that are
+                       used again within stage3_max_reuse_distance elements (default 1e9), and in training every
+                       forward weight is reused in backward, so about min(N, R/2 + one layer + lm_head) stays
+                       gathered until backward frees it;
+                       activations saved for backward (below) for micro_batch_size x max_length tokens;
+                       the teacher's final hidden states and its gathered lm_head (V x H_teacher);
+                       the fused loss: two [chunk_size, V] fp32 logit buffers (+ one in e when e != 4), ~6 fp32
+                       [slab, V] temporaries (slab = 8 rows on CPU, 128 on GPU), the fp32 lm_head gradient
+                       accumulator (V x H, full fine-tuning only) and the hidden-state gradient ([tokens, H]), all
+                       from losses._FusedLinearDistill;
+                       one layer's activation gradients in backward.
+  teacher forward      gathered layer + prefetch bucket, one layer's inference activations.
+  optimizer init       (ZeRO-3) a zero-filled fp32 buffer of the largest sub-group (min(Nt, 1e9) elements).
+
+Activations saved for backward per decoder layer and token (elements; counted with saved_tensors_hooks on a
+Qwen3 / Llama layer, tests/test_planner.py): 6 H + 4 Hq + 4 I + n_heads + 2 (two RMSNorms keep their input, the
+normalised input and their output; SDPA keeps q, k and v repeated to Hq, its output and the logsumexp; the MLP
+keeps gate, up, act(gate) and their product), + 2 Hq + 2 Hkv + n_heads + n_kv for Qwen3's q/k norms, + r per
+LoRA-targeted module. With activation checkpointing only each layer's input (H) is kept, and one layer is
+recomputed at a time in backward. Each layer also keeps its own copy of the 4-D attention mask (B x S x S; 4 bytes
+per element on CPU where SDPA gets a float mask, counted as 1 on GPU). Once per model: the final norm (2 H + 1) and
+the input ids.
+
+Not counted: the CUDA context and allocator fragmentation (keep ~10% free: `--headroom`), NCCL buffers,
+DeepSpeed's communication buffers (small against the above), the evaluation pass (smaller than training) and the
+model loading phase (host memory).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+GiB = 2 ** 30
+SLAB_ROWS = {"cpu": 8, "gpu": 128}  # losses._SLAB_ROWS_CPU / _GPU
+SLAB_TEMPS = 6  # [slab, V] fp32 temporaries alive at once in a loss slab (q, p, q at T=1, gradient, scratch)
+DS_REDUCE_BUCKET = int(5e8)  # DeepSpeed defaults
+DS_REUSE_DISTANCE = int(1e9)
+DS_SUB_GROUP = int(1e9)
+
+
+@dataclass
+class Arch:
+    """What the estimate needs from a causal LM's config.json (counted on a meta-device instance)."""
+    params: int  # unique elements (a tied lm_head counted once)
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab_rows: int
+    tied: bool
+    qk_norm: bool
+    layer_params: int  # largest decoder layer
+    lm_head_params: int
+    linear_shapes: dict = field(default_factory=dict)  # per-layer Linear name -> (in, out)
+
+    @property
+    def hq(self) -> int:
+        return self.heads * self.head_dim
+
+    @property
+    def hkv(self) -> int:
+        return self.kv_heads * self.head_dim
+
+    def act_per_token(self, lora_targets=(), lora_rank: int = 0, lora_dropout: float = 0.0) -> int:
+        """Elements saved for backward per decoder layer and token (see the module docstring)."""
+        n = 6 * self.hidden + 4 * self.hq + 4 * self.intermediate + self.heads + 2
+        if self.qk_norm:
+            n += 2 * self.hq + 2 * self.hkv + self.heads + self.kv_heads
+        if lora_rank:
+            for t in lora_targets:
+                if t in self.linear_shapes:
+                    n += lora_rank + (self.linear_shapes[t][0] if lora_dropout > 0 else 0)
+        return n
+
+
+def read_arch(path: str, trust_remote_code: bool = False) -> Arch:
+    """Build the model from `path`/config.json on the meta device (no weights read) and measure its shapes."""
+    import torch
+    from torch import nn
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg, trust_remote_code=trust_remote_code)
+    tc = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    seen, total = set(), 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    layers = model.get_decoder().layers
+    layer_params = max(sum(p.numel() for p in layer.parameters()) for layer in layers)
+    shapes = {}
+    for name, m in layers[0].named_modules():
+        if isinstance(m, nn.Linear):
+            shapes[name.rsplit(".", 1)[-1]] = (m.in_features, m.out_features)
+    head = model.get_output_embeddings()
+    tied = head.weight is model.get_input_embeddings().weight
+    heads = tc.num_attention_heads
+    return Arch(params=total, layers=len(layers), hidden=tc.hidden_size, heads=heads,
+                kv_heads=getattr(tc, "num_key_value_heads", None) or heads,
+                head_dim=getattr(tc, "head_dim", None) or tc.hidden_size // heads,
+                intermediate=tc.intermediate_size, vocab_rows=head.weight.shape[0], tied=tied,
+                qk_norm=any(n.endswith("q_norm") for n, _ in layers[0].named_modules()),
+                layer_params=layer_params, lm_head_params=head.weight.numel(), linear_shapes=shapes)
+
+
+@dataclass
+class Item:
+    name: str
+    bytes: float
+    where: str = "device"  # device | host
+    note: str = ""
+
+
+@dataclass
+class Plan:
+    world_size: int
+    micro_batch_size: int
+    chunk_size: int
+    max_length: int
+    precision: str
+    states: list  # resident Items
+    phases: dict  # phase name -> list of transient Items
+    notes: list = field(default_factory=list)
+
+    def device_bytes(self, items) -> float:
+        return sum(i.bytes for i in items if i.where == "device")
+
+    @property
+    def resident(self) -> float:
+        return self.device_bytes(self.states)
+
+    @property
+    def peak_phase(self) -> str:
+        return max(self.phases, key=lambda k: self.device_bytes(self.phases[k]))
+
+    @property
+    def peak(self) -> float:
+        return self.resident + self.device_bytes(self.phases[self.peak_phase])
+
+    @property
+    def host(self) -> float:
+        return sum(i.bytes for i in self.states if i.where == "host")
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def estimate(cfg, *, world_size: int, device: str = "gpu", student: Optional[Arch] = None,
+             teacher: Optional[Arch] = None, micro_batch_size: Optional[int] = None,
+             chunk_size: Optional[int] = None, precision: Optional[str] = None) -> Plan:
+    """Estimate per-rank memory for `cfg` (a DistillConfig) on `world_size` ranks of kind `device` (gpu | cpu)."""
+    import json
+
+    T = cfg.train
+    prec = precision or T.precision
+    if prec == "auto":
+        prec = "bf16" if device == "gpu" else "fp32"
+    e = 4 if prec == "fp32" else 2
+    dp = world_size
+    B = micro_batch_size or T.micro_batch_size
+    c_size = chunk_size or cfg.loss.chunk_size
+    S = cfg.data.max_length
+    tok = B * S
+    stage = T.zero_stage
+    over = (cfg.ds_config_overrides or {}).get("zero_optimization", {})
+    bucket = int(over.get("reduce_bucket_size", DS_REDUCE_BUCKET))
+    reuse = int(over.get("stage3_max_reuse_distance", DS_REUSE_DISTANCE))
+    sub_group = int(over.get("sub_group_size", DS_SUB_GROUP))
+    s = student or read_arch(cfg.student.path, cfg.student.trust_remote_code)
+    kd = cfg.loss.alpha > 0 and (cfg.teacher.path is not None or teacher is not None)
+    t = teacher if teacher is not None else (read_arch(cfg.teacher.path, cfg.teacher.trust_remote_code)
+                                             if kd and cfg.teacher.path else None)
+    lora = cfg.student.lora
+    lora_targets = list(lora.target_modules) if lora.rank > 0 else []
+    adapters = sum(lora.rank * (i + o) for name, (i, o) in s.linear_shapes.items() if name in lora_targets) * s.layers
+    N = s.params + adapters
+    Nt = adapters if lora.rank > 0 else s.params
+    opt_where = "host" if T.offload_optimizer else "device"
+    states: list[Item] = []
+
+    # --- student model states
+    if stage == 3:
+        states.append(Item("student params (ZeRO-3 shard)", _ceil_div(N, dp) * e, note=f"{N / 1e6:.1f}M / {dp}"))
+    else:
+        states.append(Item(f"student params (ZeRO-{stage}: whole)", N * e, note=f"{N / 1e6:.1f}M"))
+    opt_div = dp if stage >= 1 else 1
+    states.append(Item("AdamW m + v (fp32)", 8 * _ceil_div(Nt, opt_div), opt_where,
+                       f"{Nt / 1e6:.2f}M trainable" + (f" / {opt_div}" if opt_div > 1 else "")))
+    if e != 4 or stage >= 1:
+        states.append(Item("fp32 master weights", 4 * _ceil_div(Nt, opt_div), opt_where))
+    if stage == 3:
+        states.append(Item("gradient partitions (fp32)", 4 * _ceil_div(Nt, dp), opt_where))
+    elif stage == 2:
+        states.append(Item("gradient partitions", e * _ceil_div(Nt, dp)))
+    else:
+        states.append(Item("gradients (whole)", e * Nt))
+        if stage == 0 and e != 4:
+            states.append(Item("fp32 gradient accumulators (bf16 optimizer)", 4 * Nt))
+    if stage in (2, 3):
+        b = bucket if device == "gpu" else min(bucket, Nt)
+        states.append(Item("reduce bucket", b * e, note=f"reduce_bucket_size {bucket:.0e}"))
+
+    # --- teacher shard
+    if t is not None:
+        states.append(Item("teacher params (ZeRO-3 shard)", _ceil_div(t.params, dp) * e,
+                           "host" if cfg.teacher.offload_params else "device",
+                           f"{t.params / 1e6:.1f}M / {dp}" + (" (offloaded)" if cfg.teacher.offload_params else "")))
+
+    # --- phase: student forward end / backward start
+    ph: list[Item] = []
+    if stage == 3:
+        gathered = min(N, reuse // 2 + s.layer_params + s.lm_head_params)
+        ph.append(Item("gathered student weights (ZeRO-3 reuse window)", gathered * e,
+                       note=f"min(N, stage3_max_reuse_distance/2 + layer + lm_head) = {gathered / 1e6:.1f}M"))
+    per_tok = s.act_per_token(lora_targets, lora.rank, lora.dropout)
+    final = 2 * s.hidden + 1
+    mask_bytes = B * S * S * (4 if device == "cpu" else 1)  # per layer that keeps its activations
+    if cfg.student.activation_checkpointing:
+        acts = tok * e * (s.layers * s.hidden + per_tok + final) + mask_bytes
+        note = f"{s.layers} x layer inputs + 1 recomputed layer ({per_tok} el/token)"
+    else:
+        acts = tok * e * (s.layers * per_tok + final) + s.layers * mask_bytes
+        note = f"{s.layers} layers x {per_tok} el/token"
+    ph.append(Item("student activations", acts + tok * 8, note=f"{note}, {B} x {S} tokens"))
+    ph.append(Item("activation gradients (one layer, backward)", tok * e * (2 * s.intermediate + 2 * s.hidden)))
+    # fused loss (losses._FusedLinearDistill): hidden out, two selections, grad_h + its scatter, chunk buffers
+    V = min(s.vocab_rows, t.vocab_rows) if t is not None else s.vocab_rows
+    c = min(c_size, tok)
+    ph.append(Item("student final hidden + loss row copies + hidden grads", tok * s.hidden * e * 5))
+    chunk = c * V * 4 * (2 if t is not None else 1) + (c * V * e if e != 4 else 0)
+    ph.append(Item("loss chunk buffers", chunk + SLAB_TEMPS * SLAB_ROWS[device] * V * 4,
+                   note=f"{'2' if t is not None else '1'} x {c} x {V} fp32 + {SLAB_TEMPS} x {SLAB_ROWS[device]} x V"))
+    if lora.rank == 0:
+        ph.append(Item("lm_head gradient accumulator (fp32)", s.vocab_rows * s.hidden * 4
+                       + (s.vocab_rows * s.hidden * (4 + e) if e != 4 else 0)))
+    if t is not None:
+        ph.append(Item("teacher hidden states + row copies", tok * t.hidden * e * 3))
+        ph.append(Item("teacher lm_head (gathered)", t.lm_head_params * e))
+    phases = {"student forward end": ph}
+
+    # --- phase: teacher forward
+    if t is not None:
+        tjs = {}
+        try:
+            with open(cfg.teacher.ds_config) as f:
+                tjs = json.load(f).get("zero_optimization", {})
+        except OSError:
+            pass
+        prefetch = int(tjs.get("stage3_prefetch_bucket_size", 5e7))
+        phases["teacher forward"] = [
+            Item("teacher gathered layer + prefetch", (t.layer_params + min(prefetch, t.params)) * e),
+            Item("teacher layer activations (no grad)",
+                 tok * e * (3 * t.intermediate + 4 * t.hq + 3 * t.hidden) + mask_bytes)]
+    if stage == 3:
+        phases["optimizer init"] = [Item("fp32 sub-group buffer (ZeRO-3 init)", 4 * min(Nt, sub_group),
+                                         opt_where)]
+    plan = Plan(world_size=dp, micro_batch_size=B, chunk_size=c_size, max_length=S, precision=prec,
+                states=states, phases=phases)
+    if cfg.teacher.offload_params and t is not None:
+        plan.notes.append(f"teacher.offload_params: every forward copies the teacher's shard host->device "
+                          f"({_ceil_div(t.params, dp) * e / GiB:.2f} GiB per rank per micro-batch over PCIe)")
+    return plan
+
+
+def suggest(cfg, *, world_size: int, memory_bytes: float, device: str = "gpu", headroom: float = 0.1,
+            student: Optional[Arch] = None, teacher: Optional[Arch] = None,
+            max_micro_batch: int = 1024) -> Optional[tuple[int, int, Plan]]:
+    """Largest power-of-two micro_batch_size <= max_micro_batch (then the largest chunk_size up to 8192) whose
+    peak fits in memory x (1 - headroom).
+
+    Returns (micro_batch_size, chunk_size, plan) or None when even micro_batch_size 1 with chunk_size 128 does not
+    fit.
+    """
+    budget = memory_bytes * (1 - headroom)
+    s = student or read_arch(cfg.student.path, cfg.student.trust_remote_code)
+    t = teacher
+    if t is None and cfg.loss.alpha > 0 and cfg.teacher.path:
+        t = read_arch(cfg.teacher.path, cfg.teacher.trust_remote_code)
+    kw = dict(world_size=world_size, device=device, student=s, teacher=t)
+    chunks = [128, 256, 512, 1024, 2048, 4096, 8192]
+    best = None
+    mbs = 1
+    while mbs <= max_micro_batch:
+        fits = [c for c in chunks if estimate(cfg, micro_batch_size=mbs, chunk_size=c, **kw).peak <= budget]
+        if not fits:
+            break
+        best = (mbs, fits[-1])
+        mbs *= 2
+    if best is None:
+        return None
+    return best[0], best[1], estimate(cfg, micro_batch_size=best[0], chunk_size=best[1], **kw)
+
+
+def render(plan: Plan, memory_bytes: Optional[float] = None, headroom: float = 0.1) -> str:
+    """A table of the estimate (GiB per rank)."""
+    def row(i: Item) -> str:
+        return f"  {i.name:<52} {i.bytes / GiB:>9.3f} {i.where:<6} {i.note}"
+
+    lines = [f"per-rank memory estimate: {plan.world_size} ranks, micro_batch_size {plan.micro_batch_size} x "
+             f"max_length {plan.max_length}, chunk_size {plan.chunk_size}, {plan.precision}",
+             f"  {'resident':<52} {'GiB':>9}"]
+    lines += [row(i) for i in plan.states]
+    lines.append(f"  {'= resident on device':<52} {plan.resident / GiB:>9.3f}")
+    for name, items in plan.phases.items():
+        lines.append(f"  transient: {name}" + ("   <- peak" if name == plan.peak_phase else ""))
+        lines += [row(i) for i in items]
+    lines.append(f"  {'= PEAK on device':<52} {plan.peak / GiB:>9.3f}")
+    if plan.host:
+        lines.append(f"  {'host memory (offloaded)':<52} {plan.host / GiB:>9.3f}")
+    if memory_bytes:
+        budget = memory_bytes * (1 - headroom)
+        verdict = "fits" if plan.peak <= budget else "DOES NOT FIT"
+        lines.append(f"  {verdict} in {memory_bytes / GiB:.1f} GiB with {headroom:.0%} headroom "
+                     f"({budget / GiB:.1f} GiB usable)")
+    lines += [f"  note: {n}" for n in plan.notes]
+    return "\n".join(lines)
