@@ -1,13 +1,25 @@
 """DeepSpeed checkpoints with one resume-state dataclass, committed atomically.
 
-Layout: output_dir/checkpoints/step_00000010/ (DeepSpeed's files + rng_rank{r}.pt + COMPLETE) and
-output_dir/checkpoints/latest (the tag of the newest complete checkpoint). A checkpoint becomes "latest" only after
-every rank has written its part (barrier) and rank 0 has written COMPLETE; `latest` is replaced with os.replace, so a
-crash at any point leaves the previous checkpoint in use.
+Layout: output_dir/checkpoints/step_00000010/ (DeepSpeed's files + rng_rank{r}.pt + resume.json + COMPLETE) and
+output_dir/checkpoints/latest (the tag of the newest complete checkpoint).
+
+Commit protocol (`save`, collective):
+1. every rank writes its DeepSpeed shard (model + optimizer states, the ResumeState as client_state) and its RNG file;
+2. the ranks all-reduce a "my writes failed" flag: only when every rank's files are on disk does rank 0 write
+   COMPLETE (fsync'd), then atomically replace `latest` (write latest.tmp, fsync, os.replace), then prune;
+3. a second flag all-reduce tells every rank whether rank 0's commit succeeded.
+A crash or SIGKILL at any point before COMPLETE leaves a directory without COMPLETE, which `find_latest` ignores:
+the previous checkpoint stays the one a resume uses. A full disk (or any OSError) raises one DistillError naming the
+path on every rank that can still talk to the others; the partial directory is removed, `latest` is untouched.
+
+DeepSpeed's own checkpoint files are pickles (it loads them with weights_only=False): resume only from checkpoints
+your own runs wrote. Our RNG files hold tensors and plain values only and load with weights_only=True.
 """
 from __future__ import annotations
 
 import dataclasses
+import glob
+import json
 import os
 import random
 import shutil
@@ -18,18 +30,31 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from . import guards
+from .errors import DistillError
+
 LATEST = "latest"
 COMPLETE = "COMPLETE"
+RESUME_JSON = "resume.json"  # the ResumeState as JSON, readable before any engine exists (check_output_dir)
 
 
 @dataclass
 class ResumeState:
-    """Everything besides weights/optimizer that an exact resume needs (passed as DeepSpeed client_state)."""
+    """Everything besides weights/optimizer/scheduler that an exact resume needs (DeepSpeed client_state)."""
     step: int = 0
+    """Optimizer steps done (skipped ones included)."""
     samples_consumed: int = 0
+    """Rows each rank has read from its data shard (MicroBatchStream position; the same on every rank)."""
     tokens_seen: int = 0
+    """Trained tokens over all ranks so far."""
     skipped_steps: int = 0
+    """Steps skipped by train.nonfinite: skip."""
     wandb_run_id: Optional[str] = None
+    """W&B run id, so a resumed run continues the same W&B run."""
+    world_size: int = 0
+    """Ranks that wrote the checkpoint (a ZeRO checkpoint holds one shard per rank)."""
+    data_state: dict = field(default_factory=dict)
+    """MicroBatchStream.state_dict(): position plus seed / world size / rows, checked on resume."""
     extra: dict = field(default_factory=dict)
 
 
@@ -37,44 +62,132 @@ def tag_for(step: int) -> str:
     return f"step_{step:08d}"
 
 
-def _rng_state() -> dict:
-    """RNG states as tensors and plain Python values only, so they load back with weights_only=True."""
+def rng_state() -> dict:
+    """RNG states (torch CPU, CUDA if present, numpy, python) as tensors and plain values, so they load back with
+    weights_only=True."""
     name, keys, pos, has_gauss, gauss = np.random.get_state()
-    return {"torch": torch.get_rng_state(), "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos,
-                                                       has_gauss, gauss), "python": random.getstate()}
+    s = {"torch": torch.get_rng_state(), "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss,
+                                                   gauss), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        s["cuda"] = torch.cuda.get_rng_state()
+    return s
 
 
-def _set_rng_state(s: dict) -> None:
+def set_rng_state(s: dict) -> None:
     torch.set_rng_state(s["torch"])
     name, keys, pos, has_gauss, gauss = s["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     random.setstate(s["python"])
+    if "cuda" in s and torch.cuda.is_available():
+        torch.cuda.set_rng_state(s["cuda"])
 
 
-def save(engine, ckpt_root: str, state: ResumeState, keep_last: int) -> str:
-    """Collective: every rank writes its shard; then rank 0 marks it COMPLETE, points `latest` at it, prunes."""
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _any_rank(flag: bool) -> bool:
+    """Collective: True when `flag` is True on some rank (a barrier as well)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return bool(t.item() > 0)
+
+
+def _write_synced(path: str, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+_TORCH_WRITE_ERRORS = ("file write failed", "PytorchStreamWriter failed", "inline_container.cc", "unexpected pos",
+                       "No space left")
+
+
+def _is_write_failure(e: BaseException) -> bool:
+    """OSError (ENOSPC, EDQUOT, EIO...), or torch.save's RuntimeError when its zip writer cannot write (a short
+    write on a full disk surfaces as "[enforce fail at inline_container.cc] unexpected pos ...")."""
+    return isinstance(e, OSError) or (isinstance(e, RuntimeError) and any(m in str(e) for m in _TORCH_WRITE_ERRORS))
+
+
+def _disk_error(path: str, ckpt_root: str, e: BaseException, where: str) -> DistillError:
+    prev = find_latest(ckpt_root)
+    reason = (getattr(e, "strerror", None) or str(e).strip().splitlines()[-1]) if isinstance(e, OSError) else \
+        "torch.save could not write its file (disk full?)"
+    try:
+        free = f"{shutil.disk_usage(ckpt_root).free / 2 ** 20:.1f} MiB free on that disk"
+    except OSError:
+        free = "free space unknown"
+    kept = (f"the previous checkpoint {prev} is intact (latest still names it)" if prev else
+            "no earlier checkpoint exists")
+    return DistillError(
+        f"output_dir: cannot write the checkpoint {path} ({where}: {reason}; {free}) -> free space on the disk of "
+        f"output_dir or point output_dir elsewhere; the partial checkpoint was removed and {kept}")
+
+
+def save(engine, ckpt_root: str, state: ResumeState, keep_last: int, rng: Optional[dict] = None) -> str:
+    """Collective: write the checkpoint of `state.step` and make it `latest` once every rank's files are on disk.
+
+    `rng`: the RNG states to store (default: now). A checkpoint that already exists COMPLETE is never rewritten.
+    """
     tag = tag_for(state.step)
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    engine.save_checkpoint(ckpt_root, tag=tag, client_state={"resume": dataclasses.asdict(state)},
-                           save_latest=False)
+    rank = _rank()
     path = os.path.join(ckpt_root, tag)
-    torch.save(_rng_state(), os.path.join(path, f"rng_rank{rank}.pt"))
-    if dist.is_initialized():
-        dist.barrier()  # every rank's files are on disk before the checkpoint can become "latest"
+    if os.path.isfile(os.path.join(path, COMPLETE)):
+        return path
+    if rank == 0 and os.path.isdir(path):
+        shutil.rmtree(path, ignore_errors=True)  # leftovers of a run that died while writing this same step
+    _any_rank(False)  # barrier: no rank writes before the leftovers are gone
+    state.world_size = dist.get_world_size() if dist.is_initialized() else 1
+    try:
+        engine.save_checkpoint(ckpt_root, tag=tag, client_state={"resume": dataclasses.asdict(state)},
+                               save_latest=False)
+    except (OSError, RuntimeError) as e:
+        if not _is_write_failure(e):
+            raise
+        # This rank cannot finish DeepSpeed's save (whose last step is a barrier the others wait in): say why and
+        # exit; the launcher ends the other ranks. Nothing of the previous checkpoint or `latest` was touched.
+        shutil.rmtree(path, ignore_errors=True)
+        err = _disk_error(path, ckpt_root, e, f"rank {rank}, DeepSpeed shard")
+        err.rank_local = True  # the other ranks may not know: this rank prints it (launch/train.py)
+        raise err from None
+    failed: Optional[BaseException] = None
+    try:
+        torch.save(rng if rng is not None else rng_state(), os.path.join(path, f"rng_rank{rank}.pt"))
+    except (OSError, RuntimeError) as e:
+        if not _is_write_failure(e):
+            raise
+        failed = e
+    guards.fault_in_checkpoint(state.step, rank)  # test hook: die after the shards, before COMPLETE
+    if _any_rank(failed is not None):  # every rank's files are on disk only if no rank failed
+        if rank == 0:
+            shutil.rmtree(path, ignore_errors=True)
+        _any_rank(False)
+        raise _disk_error(path, ckpt_root, failed or OSError("another rank failed to write its files"),
+                          f"rank {rank}, RNG state")
+    commit_error: Optional[OSError] = None
     if rank == 0:
-        with open(os.path.join(path, COMPLETE), "w") as f:
-            f.write(tag + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        tmp = os.path.join(ckpt_root, LATEST + ".tmp")
-        with open(tmp, "w") as f:
-            f.write(tag + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, os.path.join(ckpt_root, LATEST))
-        prune(ckpt_root, keep_last)
-    if dist.is_initialized():
-        dist.barrier()
+        try:
+            _write_synced(os.path.join(path, RESUME_JSON), json.dumps(dataclasses.asdict(state), indent=1) + "\n")
+            _write_synced(os.path.join(path, COMPLETE), tag + "\n")
+            _write_synced(os.path.join(ckpt_root, LATEST + ".tmp"), tag + "\n")
+            os.replace(os.path.join(ckpt_root, LATEST + ".tmp"), os.path.join(ckpt_root, LATEST))
+        except OSError as e:
+            commit_error = e
+            try:
+                os.remove(os.path.join(path, COMPLETE))
+            except OSError:
+                pass
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            prune(ckpt_root, keep_last)
+    if _any_rank(commit_error is not None):
+        raise _disk_error(path, ckpt_root, commit_error or OSError("rank 0 could not commit the checkpoint"),
+                          "COMPLETE / latest")
     return path
 
 
@@ -102,26 +215,48 @@ def find_latest(ckpt_root: str) -> Optional[str]:
     """Path of the newest complete checkpoint: `latest` if it names a complete one, else the newest complete."""
     p = os.path.join(ckpt_root, LATEST)
     if os.path.isfile(p):
-        tag = open(p).read().strip()
-        if os.path.isfile(os.path.join(ckpt_root, tag, COMPLETE)):
+        with open(p) as f:
+            tag = f.read().strip()
+        if tag and os.path.isfile(os.path.join(ckpt_root, tag, COMPLETE)):
             return os.path.join(ckpt_root, tag)
     tags = complete_checkpoints(ckpt_root)
     return os.path.join(ckpt_root, tags[-1]) if tags else None
 
 
-def load(engine, path: str) -> ResumeState:
+def read_resume_json(path: str) -> Optional[dict]:
+    """The resume state a checkpoint directory holds as JSON (None for checkpoints written without it)."""
+    try:
+        with open(os.path.join(path, RESUME_JSON)) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def writer_world_size(path: str) -> int:
+    """Ranks that wrote a ZeRO checkpoint: one *_model_states.pt per data-parallel rank."""
+    return len(glob.glob(os.path.join(path, "*zero_pp_rank_*_mp_rank_00_model_states.pt"))) or \
+        len(glob.glob(os.path.join(path, "*_model_states.pt")))
+
+
+def load(engine, path: str, world_size: int) -> ResumeState:
     """Restore weights, optimizer, LR scheduler, this rank's RNG; return the resume state."""
     path = os.path.abspath(path.rstrip("/"))
+    if not os.path.isfile(os.path.join(path, COMPLETE)):
+        raise DistillError(f"checkpoint.resume: '{path}' is incomplete (no {COMPLETE} file: the run stopped while "
+                           "writing it) -> resume from the previous checkpoint, or use checkpoint.resume: auto")
+    zero_sharded = engine.zero_optimization_stage() > 0
+    written_by = writer_world_size(path)
+    if zero_sharded and written_by and written_by != world_size:
+        raise DistillError(f"checkpoint.resume: '{path}' was written by {written_by} ranks and this run has "
+                           f"{world_size} -> resume with {written_by} ranks (a ZeRO checkpoint holds one shard per "
+                           "rank and the data order depends on the world size)")
     root, tag = os.path.dirname(path), os.path.basename(path)
     _, client = engine.load_checkpoint(root, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
     if client is None or "resume" not in client:
-        from .errors import DistillError
-
         raise DistillError(f"checkpoint.resume: '{path}' is not a ds_distill checkpoint (no resume state)")
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    rng = os.path.join(path, f"rng_rank{rank}.pt")
+    rng = os.path.join(path, f"rng_rank{_rank()}.pt")
     if os.path.isfile(rng):
-        _set_rng_state(torch.load(rng, weights_only=True))  # tensors and plain values only: no unpickling
+        set_rng_state(torch.load(rng, weights_only=True))  # tensors and plain values only: no unpickling
     d = dict(client["resume"])
-    return ResumeState(**{k: d[k] for k in d if k in {f.name for f in dataclasses.fields(ResumeState)}})
-
+    names = {f.name for f in dataclasses.fields(ResumeState)}
+    return ResumeState(**{k: d[k] for k in d if k in names})

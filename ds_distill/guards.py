@@ -1,0 +1,292 @@
+"""Fail-safe training: preemption, the non-finite guard, the watchdog, and test-only fault hooks.
+
+- Preemption. `install_sigterm_handler()` turns SIGTERM (what SLURM sends before a time limit or a preemption) into
+  a flag. The flag travels in the one small all-reduce `StepGuard.check` does every step, so every rank learns in the
+  same step that some rank was signalled: all finish that step, save a checkpoint together and exit with
+  EXIT_PREEMPTED (143, the shell's code for "terminated by SIGTERM"); a requeued job resumes from it.
+- Non-finite guard. `StepGuard.check` runs after the last micro-batch's forward and before its backward. A rank whose
+  loss sums of the step are not finite is named in the same all-reduce; the loss every rank then backpropagates is
+  multiplied by NaN, so the gradients are NaN everywhere and DeepSpeed's own overflow check (ZeRO 1/2/3, bf16, fp16:
+  `is_invalid_grad_norm` in the optimizer's `step`) discards the update: the optimizer never touches the weights and
+  the LR schedule does not advance. A non-finite gradient norm with a finite loss takes the same DeepSpeed path.
+  `StepGuard.after_step` then aborts (train.nonfinite: abort, the default; the trainer saves the last good step's
+  checkpoint first) or counts a skipped step (train.nonfinite: skip, at most train.max_skipped_steps). ZeRO-0 in
+  fp32 has no such check in DeepSpeed: there the guard stops before the backward (abort only; see `validate_mode`).
+- Watchdog. A thread per rank that, when no `beat()` came for train.watchdog_timeout_s, prints the rank's Python
+  stacks (all threads) with a one-line explanation and ends the process with EXIT_WATCHDOG: a rank stuck in a
+  collective (a peer died, hung, or runs a different number of forwards) becomes an error instead of a hang. The
+  process-group timeout is set above it (`process_group_timeout`), so the watchdog's message comes first.
+- Fault hooks, for tests only: DS_DISTILL_TEST_FAULTS="kind@step[:rank],..." with kind one of kill (SIGKILL after
+  the step), sigterm (SIGTERM to itself at the start of the step), stall (sleep forever at the start of the step),
+  ckpt_kill (SIGKILL inside the checkpoint of that step, after DeepSpeed wrote its files and before COMPLETE), nan
+  (the student's loss of that step becomes NaN on that rank). Without the variable they do nothing.
+"""
+from __future__ import annotations
+
+import faulthandler
+import os
+import signal
+import sys
+import tempfile
+import threading
+import time
+from typing import Callable, Optional
+
+import torch
+
+from .errors import ConfigError, NonFiniteError
+
+EXIT_PREEMPTED = 143  # 128 + SIGTERM: a checkpoint was saved, run the same command again to resume
+EXIT_WATCHDOG = 3  # a rank made no progress for train.watchdog_timeout_s (stacks printed)
+
+FAULTS_ENV = "DS_DISTILL_TEST_FAULTS"
+
+_term = threading.Event()
+
+
+class Preempted(Exception):
+    """Raised by the loop after the checkpoint of a SIGTERM'd run is saved; main() turns it into EXIT_PREEMPTED."""
+
+    def __init__(self, step: int, path: str):
+        self.step, self.path = step, path
+        super().__init__(f"SIGTERM received: saved the checkpoint of step {step} to {path} and stopped -> run the "
+                         "same command again to resume (checkpoint.resume: auto)")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# SIGTERM
+# ----------------------------------------------------------------------------------------------------------------
+
+def install_sigterm_handler() -> Callable[[], None]:
+    """SIGTERM sets a flag instead of killing the process (main thread only); returns a function restoring the old
+    handler. Repeated signals (SLURM and a launcher may both send one) are the same request."""
+    _term.clear()
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def handler(signum, frame):
+        if not _term.is_set():
+            _term.set()
+            os.write(2, f"[ds_distill] rank {os.environ.get('RANK', '0')}: SIGTERM received, saving a checkpoint at "
+                        "the next step boundary\n".encode())
+
+    old = signal.signal(signal.SIGTERM, handler)
+    return lambda: signal.signal(signal.SIGTERM, old)
+
+
+def sigterm_requested() -> bool:
+    return _term.is_set()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Non-finite guard + the per-step flag exchange
+# ----------------------------------------------------------------------------------------------------------------
+
+def validate_mode(nonfinite: str, deepspeed_discards_nonfinite: bool, zero_stage: int, precision: str) -> None:
+    """train.nonfinite: skip needs DeepSpeed to discard a non-finite update by itself (not so for ZeRO-0 in fp32)."""
+    if nonfinite == "skip" and not deepspeed_discards_nonfinite:
+        raise ConfigError([f"train.nonfinite: 'skip' needs an optimizer that discards non-finite updates; ZeRO-"
+                           f"{zero_stage} in {precision} has none -> use train.zero_stage >= 1, or train.nonfinite: "
+                           "abort"])
+
+
+class StepGuard:
+    """Per-run guard state: one collective flag exchange per step, the skip counter, the step in progress."""
+
+    def __init__(self, *, rank: int, world_size: int, nonfinite: str, max_skipped_steps: int,
+                 deepspeed_discards_nonfinite: bool, device: torch.device, all_reduce_sum: Callable,
+                 skipped_steps: int = 0, watchdog: Optional["Watchdog"] = None):
+        self.rank, self.world_size = rank, world_size
+        self.nonfinite = nonfinite
+        self.max_skipped_steps = max_skipped_steps
+        self.discards = deepspeed_discards_nonfinite
+        self.device = device
+        self.all_reduce_sum = all_reduce_sum
+        self.skipped_steps = skipped_steps
+        self.watchdog = watchdog
+        self.step = 0  # the step in progress (1-based), set by the loop
+        self.bad_ranks: list[int] = []
+        self.stop_requested = False
+        self.checked = False
+
+    def begin(self, step: int) -> None:
+        """Start of step `step`: beat the watchdog, reset the flags, fire this step's test faults."""
+        self.step = step
+        self.bad_ranks, self.checked = [], False
+        if self.watchdog is not None:
+            self.watchdog.beat(f"step {step}")
+        fault_at_step_start(step, self.rank)
+
+    def check(self, local_sums: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
+        """Collective, once per step, on every rank: after the last micro-batch's forward, before its backward.
+
+        `local_sums`: this rank's loss sums of the whole step so far (total, ce, kd first); `loss`: what would be
+        backpropagated. Returns the loss to backpropagate (NaN-poisoned when any rank's loss is not finite).
+        """
+        flags = torch.zeros(self.world_size + 1, dtype=torch.float64, device=self.device)
+        if not bool(torch.isfinite(local_sums[:3]).all()):
+            flags[self.rank] = 1.0
+        if sigterm_requested():
+            flags[self.world_size] = 1.0
+        self.all_reduce_sum(flags)
+        f = flags.tolist()  # host sync (the step's other all-reduces sync anyway)
+        self.bad_ranks = [r for r in range(self.world_size) if f[r] > 0]
+        self.stop_requested = f[self.world_size] > 0
+        self.checked = True
+        if self.watchdog is not None:
+            self.watchdog.beat(f"step {self.step} (backward)")
+        if self.bad_ranks:
+            if not self.discards:  # ZeRO-0 fp32: nothing would discard a NaN update; stop before the backward
+                raise NonFiniteError(self._message(f"non-finite loss on rank(s) {self.bad_ranks}"))
+            return loss * float("nan")  # every rank's gradients become NaN: DeepSpeed discards the update
+        return loss
+
+    def after_step(self, step_applied: bool, fp16: bool = False) -> bool:
+        """After engine.step() at the boundary. Returns True when the step was skipped (train.nonfinite: skip);
+        raises NonFiniteError to abort. The weights are those of the last good step in both cases."""
+        if not self.checked:
+            raise RuntimeError("StepGuard.check was not called this step (train_step without the guard)")
+        if step_applied:
+            if self.bad_ranks:
+                raise RuntimeError(f"internal: step {self.step} had a non-finite loss on rank(s) {self.bad_ranks} "
+                                   "but DeepSpeed applied the update")
+            return False
+        if not self.bad_ranks and fp16:
+            return True  # fp16 dynamic loss scaling: DeepSpeed lowered the scale and skipped; not an error
+        what = (f"non-finite loss on rank(s) {self.bad_ranks}" if self.bad_ranks else
+                "non-finite gradient norm (a global norm over all ranks: DeepSpeed's overflow check)")
+        if self.nonfinite == "skip":
+            self.skipped_steps += 1
+            if self.skipped_steps > self.max_skipped_steps:
+                raise NonFiniteError(self._message(f"{what}; {self.skipped_steps} steps skipped, more than "
+                                                   f"train.max_skipped_steps={self.max_skipped_steps}"))
+            return True
+        raise NonFiniteError(self._message(what))
+
+    def _message(self, what: str) -> str:
+        return (f"step {self.step}: {what}; the optimizer did not update the weights -> lower train.lr, check the "
+                "data of this step, or set train.nonfinite: skip to skip such steps "
+                f"(up to train.max_skipped_steps)")
+
+    def skip_message(self) -> str:
+        who = f"non-finite loss on rank(s) {self.bad_ranks}" if self.bad_ranks else "non-finite gradient norm"
+        return (f"step {self.step}: {who}: step skipped, weights unchanged ({self.skipped_steps}/"
+                f"{self.max_skipped_steps} skips used)")
+
+
+def nan_hook(guard: StepGuard, rank: int) -> Optional[Callable]:
+    """Test fault `nan@k[:rank]`: a forward hook on the student wrapper that makes its loss NaN at step k."""
+    spec = _faults().get("nan")
+    if spec is None or not _matches(spec, None, rank):
+        return None
+
+    def hook(module, args, output):
+        if module.training and isinstance(output, tuple) and guard.step == spec[0]:
+            return (output[0] * float("nan"),) + tuple(output[1:])
+        return output
+
+    return hook
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Watchdog
+# ----------------------------------------------------------------------------------------------------------------
+
+def process_group_timeout(watchdog_timeout_s: float) -> float:
+    """The process group's collective timeout: above the watchdog's, so the watchdog reports (with stacks) first."""
+    return max(1800.0, 2.0 * watchdog_timeout_s + 60.0)
+
+
+class Watchdog:
+    """Ends the process with each thread's stack when no beat() came for `timeout_s` seconds (0 disables it)."""
+
+    def __init__(self, timeout_s: float, rank: int, poll_s: Optional[float] = None):
+        self.timeout_s = float(timeout_s)
+        self.rank = rank
+        self.poll_s = poll_s if poll_s is not None else max(0.2, min(5.0, self.timeout_s / 20.0))
+        self._last = time.monotonic()
+        self._what = "start"
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+
+    def start(self) -> "Watchdog":
+        if self.timeout_s > 0 and self._thread is None:
+            self._last = time.monotonic()
+            self._thread = threading.Thread(target=self._run, name="ds_distill-watchdog", daemon=True)
+            self._thread.start()
+        return self
+
+    def beat(self, what: str) -> None:
+        self._last, self._what = time.monotonic(), what
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.poll_s):
+            idle = time.monotonic() - self._last
+            if idle > self.timeout_s:
+                self._fire(idle)
+
+    def _fire(self, idle: float) -> None:
+        with tempfile.TemporaryFile(mode="w+") as f:
+            faulthandler.dump_traceback(file=f, all_threads=True)
+            f.seek(0)
+            stacks = f.read()
+        head = (f"[ds_distill] watchdog: rank {self.rank} made no progress for {idle:.2f} s (train.watchdog_timeout_s="
+                f"{self.timeout_s:g}) since '{self._what}': a collective is stuck (a rank died, hangs, or ran a "
+                "different number of forwards) -> see each rank's stack below; raise train.watchdog_timeout_s if "
+                "a step, checkpoint or eval legitimately takes longer")
+        text = head + "\n" + "".join(f"[rank {self.rank} stack] {line}\n" for line in stacks.splitlines())
+        try:
+            os.write(2, text.encode())
+        finally:
+            os._exit(EXIT_WATCHDOG)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Test-only fault hooks
+# ----------------------------------------------------------------------------------------------------------------
+
+def _faults() -> dict[str, tuple[int, Optional[int]]]:
+    """{kind: (step, rank or None)} from DS_DISTILL_TEST_FAULTS ("kill@3:0,nan@4:1")."""
+    out: dict[str, tuple[int, Optional[int]]] = {}
+    for item in filter(None, (s.strip() for s in os.environ.get(FAULTS_ENV, "").split(","))):
+        kind, _, where = item.partition("@")
+        step, _, rank = where.partition(":")
+        out[kind] = (int(step), int(rank) if rank else None)
+    return out
+
+
+def _matches(spec: tuple[int, Optional[int]], step: Optional[int], rank: int) -> bool:
+    return (step is None or spec[0] == step) and (spec[1] is None or spec[1] == rank)
+
+
+def _announce(kind: str, step: int, rank: int) -> None:
+    os.write(2, f"[ds_distill] test fault {kind}@{step} on rank {rank}\n".encode())
+
+
+def fault_at_step_start(step: int, rank: int) -> None:
+    f = _faults()
+    if "sigterm" in f and _matches(f["sigterm"], step, rank):
+        _announce("sigterm", step, rank)
+        os.kill(os.getpid(), signal.SIGTERM)
+    if "stall" in f and _matches(f["stall"], step, rank):
+        _announce("stall", step, rank)
+        while True:
+            time.sleep(1.0)
+
+
+def fault_after_step(step: int, rank: int) -> None:
+    f = _faults()
+    if "kill" in f and _matches(f["kill"], step, rank):
+        _announce("kill", step, rank)
+        sys.stderr.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def fault_in_checkpoint(step: int, rank: int) -> None:
+    f = _faults()
+    if "ckpt_kill" in f and _matches(f["ckpt_kill"], step, rank):
+        _announce("ckpt_kill", step, rank)
+        os.kill(os.getpid(), signal.SIGKILL)
