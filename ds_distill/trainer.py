@@ -23,7 +23,7 @@ import torch
 
 from . import checkpoint, data, engines, guards, lora, models, teacher_cache, vocab
 from .config import DistillConfig, to_dict, validate
-from .errors import DistillError, NonFiniteError
+from .errors import ConfigError, DistillError, ModelError, NonFiniteError
 from .tracking import Tracker
 from . import evaluate, report
 
@@ -55,20 +55,63 @@ def check_output_dir(cfg: DistillConfig, rank: int) -> None:
     out = cfg.output_dir
     if not os.path.isdir(out) or not os.listdir(out):
         return
-    has_ckpt = checkpoint.find_latest(os.path.join(out, "checkpoints")) is not None
-    if cfg.checkpoint.resume == "auto" and has_ckpt:
-        return
     if cfg.checkpoint.resume not in ("auto", "never"):
-        return
+        return  # an explicit checkpoint path: the user chose what to continue
+    latest = checkpoint.find_latest(os.path.join(out, "checkpoints"))
+    fix = "choose a new output_dir, or set overwrite_output_dir: true to replace it"
+    if cfg.checkpoint.resume == "auto" and latest:
+        saved = ((checkpoint.read_resume_json(latest) or {}).get("extra") or {}).get("run") or {}
+        diffs = [f"{k}: {saved[k]!r} there, {v!r} now" for k, v in run_identity(cfg).items()
+                 if k in saved and saved[k] != v]
+        if not diffs:
+            return
+        why = f"holds a checkpoint of a different run ({latest}: " + "; ".join(diffs) + ")"
+        fix += ", or resume with the run's own settings"
+    elif latest:
+        why = f"holds checkpoints ({latest}) and checkpoint.resume is 'never'"
+    else:
+        why = "already holds files of another run and has no checkpoint to resume"
     if cfg.overwrite_output_dir:
         if rank == 0:
-            for name in ("checkpoints", "metrics.jsonl", "final", "final_adapter", "wandb", "report.md"):
+            for name in ("checkpoints", "metrics.jsonl", "final", "final_adapter", "wandb", "report.md",
+                         "report_data.json", "losses.png", "eval_ppl.png", "gap.png", "generations.md"):
                 p = os.path.join(out, name)
                 shutil.rmtree(p, ignore_errors=True) if os.path.isdir(p) else (os.path.exists(p) and os.remove(p))
         engines.barrier()
         return
-    raise DistillError(f"output_dir: '{out}' already holds files of another run and has no checkpoint to resume "
-                       f"-> choose a new output_dir, or set overwrite_output_dir: true to replace it")
+    raise DistillError(f"output_dir: '{out}' {why} -> {fix}")
+
+
+def run_identity(cfg: DistillConfig) -> dict:
+    """What makes a checkpoint this run's: resuming it with other models, data, seed or batch layout would not
+    continue the same run (stored in every checkpoint's resume state and compared by check_output_dir)."""
+    def ab(p):
+        return os.path.abspath(p) if p else None
+
+    return {"student.path": ab(cfg.student.path), "teacher.path": ab(cfg.teacher.path),
+            "teacher.cache": ab(cfg.teacher.cache), "data.train_files": [ab(f) for f in cfg.data.train_files],
+            "data.format": cfg.data.format, "data.max_length": cfg.data.max_length, "train.seed": cfg.train.seed,
+            "train.micro_batch_size": cfg.train.micro_batch_size, "train.grad_accum_steps": cfg.train.grad_accum_steps,
+            "student.lora.rank": cfg.student.lora.rank}
+
+
+def _declared_vocab_rows(path: str) -> Optional[int]:
+    """lm_head rows a model directory's config.json declares (its text config's vocab_size), or None."""
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            c = json.load(f)
+    except (OSError, ValueError):
+        return None
+    v = c.get("text_config", c).get("vocab_size")
+    return v if isinstance(v, int) else None
+
+
+def check_top_k(cfg: DistillConfig, vocab_size: int) -> None:
+    """loss.top_k can only be checked once the vocabulary is known."""
+    L = cfg.loss
+    if L.impl == "topk" and L.alpha > 0 and L.top_k > vocab_size:
+        raise ConfigError([f"loss.top_k: {L.top_k} is larger than the vocabulary ({vocab_size} tokens) -> use "
+                           f"loss.top_k <= {vocab_size} (typically 32-256), or loss.impl: chunked (exact)"])
 
 
 def build(cfg: DistillConfig) -> Run:
@@ -85,9 +128,25 @@ def build(cfg: DistillConfig) -> Run:
         models.check_model_dir(cfg.teacher.path, "teacher.path", cfg.teacher.allow_pickle_weights)
     tokenizer = models.load_tokenizer(cfg.resolved_tokenizer_path, cfg.teacher.trust_remote_code
                                       or cfg.student.trust_remote_code)
+    pair = f"teacher.path '{cfg.teacher.path}' / student.path '{cfg.student.path}'"
     if cfg.teacher.path:
-        vocab.check_tokenizers_compatible(models.load_tokenizer(cfg.teacher.path, cfg.teacher.trust_remote_code),
-                                          models.load_tokenizer(cfg.student.path, cfg.student.trust_remote_code))
+        try:
+            vocab.check_tokenizers_compatible(
+                models.load_tokenizer(cfg.teacher.path, cfg.teacher.trust_remote_code),
+                models.load_tokenizer(cfg.student.path, cfg.student.trust_remote_code))
+        except ModelError as e:
+            raise ModelError(f"{pair}: {e}") from None
+    # lm_head rows as declared in config.json: a vocabulary mismatch or loss.top_k beyond the vocabulary fails here,
+    # before any engine is built (checked again below with the loaded weights' real row counts)
+    s_rows = _declared_vocab_rows(cfg.student.path)
+    t_rows = _declared_vocab_rows(cfg.teacher.path) if cfg.teacher.path else None
+    if s_rows is not None and (t_rows is not None or not cfg.teacher.path):
+        try:
+            early_vocab = vocab.reconcile_vocab(t_rows or s_rows, s_rows, len(tokenizer))[0]
+        except ModelError as e:
+            raise ModelError(f"{pair} (vocab_size in config.json), tokenizer_path "
+                             f"'{cfg.resolved_tokenizer_path}': {e}") from None
+        check_top_k(cfg, early_vocab)
 
     # --- data: each rank its own shard
     train_ds = data.build_dataset(cfg.data.train_files, cfg.data.format, tokenizer, cfg.data.max_length,
@@ -150,6 +209,7 @@ def build(cfg: DistillConfig) -> Run:
         teacher_rows = int(topk_cache.manifest["teacher_vocab_rows"])
     vocab_size, vocab_message = vocab.reconcile_vocab(teacher_rows or models.vocab_rows(student),
                                                       models.vocab_rows(student), len(tokenizer))
+    check_top_k(cfg, vocab_size)
     if topk_cache is not None:
         topk_cache.check_vocab_size(vocab_size)
         vocab_message += "\n" + topk_cache.describe()
@@ -176,6 +236,7 @@ def build(cfg: DistillConfig) -> Run:
                                    samples_consumed=state.samples_consumed)
     if state.data_state:
         stream.load_state_dict(state.data_state)  # same seed, rows and world size, or a DataError
+    state.extra["run"] = run_identity(cfg)
     run = Run(cfg=cfg, rank=rank, world_size=world, tokenizer=tokenizer, student_engine=student_engine,
               teacher_engine=teacher_engine, stream=stream, eval_dataset=eval_ds, loss_kwargs=loss_kwargs,
               state=state, ckpt_root=ckpt_root, vocab_message=vocab_message, teacher_topk_cache=topk_cache)
