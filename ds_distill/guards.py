@@ -141,6 +141,15 @@ class StepGuard:
             return loss * float("nan")  # every rank's gradients become NaN: DeepSpeed discards the update
         return loss
 
+    def check_grads(self, params) -> None:
+        """Collective, for optimizers without an overflow check (ZeRO-0 in fp32): after the last backward, before
+        engine.step(): a non-finite gradient on any rank aborts before the optimizer runs. (Gradients are whole and
+        already averaged over ranks there, so the rank that produced them cannot be told.)"""
+        bad = any(p.grad is not None and not bool(torch.isfinite(p.grad).all()) for p in params)
+        flag = torch.tensor([1.0 if bad else 0.0], dtype=torch.float64, device=self.device)
+        if bool(self.all_reduce_sum(flag).item() > 0):
+            raise NonFiniteError(self._message("non-finite gradient (found before the optimizer step)"))
+
     def after_step(self, step_applied: bool, fp16: bool = False) -> bool:
         """After engine.step() at the boundary. Returns True when the step was skipped (train.nonfinite: skip);
         raises NonFiniteError to abort. The weights are those of the last good step in both cases."""

@@ -292,7 +292,7 @@ def estimate(cfg, *, world_size: int, device: str = "gpu", student: Optional[Arc
 def suggest(cfg, *, world_size: int, memory_bytes: float, device: str = "gpu", headroom: float = 0.1,
             student: Optional[Arch] = None, teacher: Optional[Arch] = None,
             max_micro_batch: int = 1024) -> Optional[tuple[int, int, Plan]]:
-    """Largest power-of-two micro_batch_size <= max_micro_batch (then the largest chunk_size up to 8192) whose
+    """Largest power-of-two micro_batch_size <= max_micro_batch (then the largest chunk_size up to 4096) whose
     peak fits in memory x (1 - headroom).
 
     Returns (micro_batch_size, chunk_size, plan) or None when even micro_batch_size 1 with chunk_size 128 does not
@@ -304,7 +304,7 @@ def suggest(cfg, *, world_size: int, memory_bytes: float, device: str = "gpu", h
     if t is None and cfg.loss.alpha > 0 and cfg.teacher.path:
         t = read_arch(cfg.teacher.path, cfg.teacher.trust_remote_code)
     kw = dict(world_size=world_size, device=device, student=s, teacher=t)
-    chunks = [128, 256, 512, 1024, 2048, 4096, 8192]
+    chunks = [128, 256, 512, 1024, 2048, 4096]  # beyond ~4k rows a chunk saves kernel launches, not time
     best = None
     mbs = 1
     while mbs <= max_micro_batch:

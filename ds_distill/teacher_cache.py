@@ -536,6 +536,7 @@ def write_cache(cfg, cache_dir: str, *, top_k: int, dtype: str = "fp16", micro_b
               + (f" ({decision['removed']} partial files removed)" if decision["removed"] else "")
               + f"; {len(todo)} to compute in {n_batches} batches x {world} ranks", flush=True)
 
+    compute_s = 0.0
     if n_batches:
         precision = engines.resolve_precision(T.precision)
         teacher_ds = engines.teacher_ds_config(cfg.teacher.ds_config, micro_batch_size=mb, world_size=world,
@@ -585,6 +586,7 @@ def write_cache(cfg, cache_dir: str, *, top_k: int, dtype: str = "fp16", micro_b
                 print(f"[cache_teacher] batch {b + 1}/{n_batches}: {writer.samples_written + len(writer._sids)} "
                       f"samples on rank 0, {dt:.0f} s", flush=True)
         writer.flush()
+        compute_s = time.time() - t0
     engines.barrier()
 
     # --- rank 0 checks every sample is there exactly once, writes the index, marks the cache complete
@@ -596,7 +598,8 @@ def write_cache(cfg, cache_dir: str, *, top_k: int, dtype: str = "fp16", micro_b
             final = {"error": str(e)}
     if rank == 0 and final is None:
         manifest = dict(manifest, complete=True,
-                        bytes_on_disk=sum(os.path.getsize(p) for p in shard_paths(cache_dir)))
+                        bytes_on_disk=sum(os.path.getsize(p) for p in shard_paths(cache_dir)),
+                        seconds_last_run=round(compute_s, 3), samples_last_run=len(todo))  # forwards + writes
         write_manifest(cache_dir, manifest)
         final = {"manifest": manifest}
         print(f"[cache_teacher] done: {manifest['num_samples']} samples, {manifest['num_positions']} positions, "

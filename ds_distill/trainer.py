@@ -432,7 +432,8 @@ def train(run: Run, tracker: Tracker, watchdog: Optional[guards.Watchdog] = None
         # data position and RNG before this step: what an abort's checkpoint of the last good step must hold
         pos_before, rng_before = run.stream.samples_consumed, checkpoint.rng_state()
         micro_batches = [next(run.stream) for _ in range(cfg.train.grad_accum_steps)]
-        sums = train_step(run, micro_batches, guard=guard)
+        sums = train_step(run, micro_batches, guard=guard, before_step=None if guard.discards else
+                          lambda _: guard.check_grads(eng.module.parameters()))
         try:
             skipped = guard.after_step(eng.was_step_applied(), fp16=eng.fp16_enabled())
         except NonFiniteError as e:  # the weights are still those of step - 1: checkpoint them, then stop

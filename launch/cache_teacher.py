@@ -22,17 +22,22 @@ from ds_distill.errors import DistillError  # noqa: E402
 
 
 def main(argv=None) -> int:
-    from ds_distill import engines, teacher_cache  # deepspeed is imported only once the arguments parse
-
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 add_help=False)
-    ap.add_argument("--cache_dir", required=True, help="directory of the cache (created; resumed if present)")
+                                 add_help=False, usage="cache_teacher.py --config X.yaml --cache_dir D [options] "
+                                 "[--section.key value ...]")
+    argv = sys.argv[1:] if argv is None else argv
+    asks_help = "-h" in argv or "--help" in argv
+    ap.add_argument("--cache_dir", required=not asks_help, help="directory of the cache (created; resumed if present)")
     ap.add_argument("--top_k", type=int, default=None, help="tokens kept per position (default: loss.top_k)")
-    ap.add_argument("--dtype", default="fp16", choices=sorted(teacher_cache.DTYPES), help="log-prob storage type")
+    ap.add_argument("--dtype", default="fp16", choices=["fp16", "bf16", "fp32"], help="log-prob storage type")
     ap.add_argument("--micro_batch_size", type=int, default=None, help="samples per teacher forward per rank")
     ap.add_argument("--shard_positions", type=int, default=262144, help="rows per shard file (resume granularity)")
+    if asks_help:  # this script's own flags, then every config key (printed by parse_config)
+        print(ap.format_help())
+    args, rest = ap.parse_known_args(argv)
+    from ds_distill import engines, teacher_cache  # deepspeed is imported only once the arguments parse
+
     try:
-        args, rest = ap.parse_known_args(argv)
         cfg = parse_config(rest)
         teacher_cache.write_cache(cfg, args.cache_dir, top_k=args.top_k or cfg.loss.top_k, dtype=args.dtype,
                                   micro_batch_size=args.micro_batch_size, shard_positions=args.shard_positions)

@@ -28,7 +28,7 @@ from ds_distill.errors import ConfigError, NonFiniteError
 def _guard(nonfinite="abort", max_skipped=2, discards=True, peer_flags=(0.0, 0.0, 0.0)):
     """A rank-0 guard of a 2-rank world whose all-reduce adds `peer_flags` (rank 1's [bad0, bad1, sigterm])."""
     def all_reduce_sum(t):
-        t += torch.tensor(peer_flags, dtype=t.dtype)
+        t += torch.tensor((list(peer_flags) + [0.0] * len(t))[:len(t)], dtype=t.dtype)
         return t
 
     g = guards.StepGuard(rank=0, world_size=2, nonfinite=nonfinite, max_skipped_steps=max_skipped,
@@ -100,6 +100,17 @@ def test_without_deepspeed_overflow_check_the_guard_stops_before_the_backward():
     with pytest.raises(ConfigError, match="train.nonfinite"):
         guards.validate_mode("skip", False, 0, "fp32")
     guards.validate_mode("abort", False, 0, "fp32")
+
+
+def test_grad_check_for_optimizers_without_overflow_check():
+    p = torch.nn.Parameter(torch.ones(3))
+    p.grad = torch.tensor([0.0, 1.0, 2.0])
+    _guard(discards=False).check_grads([p])  # finite: passes
+    with pytest.raises(NonFiniteError, match="non-finite gradient"):
+        _guard(discards=False, peer_flags=(1.0,)).check_grads([p])  # a peer saw one
+    p.grad[1] = float("inf")
+    with pytest.raises(NonFiniteError, match="step 7: non-finite gradient"):
+        _guard(discards=False).check_grads([p])
 
 
 def test_sigterm_on_a_peer_stops_every_rank():
