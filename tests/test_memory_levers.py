@@ -6,7 +6,7 @@ tiny distillation run with:  ZeRO-3 (reference) | ZeRO-3 + student.activation_ch
 `trainer.build(cfg)`, and runs 3 optimizer steps of 2 micro-batches each on the same data. Checked:
 
 - the levers really are on: the engines report the requested ZeRO stage and offload settings, and with activation
-  checkpointing each student decoder layer's MLP runs forward twice per micro-batch (forward + recompute in backward);
+  checkpointing each student decoder layer's attention runs forward twice per micro-batch (forward + recompute in backward);
 - teacher parameter offload: the teacher's final hidden states on the first micro-batch are bit-identical;
 - activation checkpointing: the same losses and grad norms at every step (1e-6 relative), the same full gradients
   at step 1 and the same final weights (1e-6 absolute);
@@ -55,7 +55,9 @@ def _drive(config_path: str) -> None:
         run = trainer.build(cfg)
         eng, teacher = run.student_engine, run.teacher_engine
         hf = eng.module.hf_model
-        layer0 = models._decoder(hf).layers[0].mlp  # a submodule: HF's checkpointed layer re-enters below its hooks
+        # hook a submodule (HF checkpoints the layer's forward, inside its own hooks) that the recompute reaches
+        # before it stops early (torch stops recomputing once the last saved tensor is back: not the MLP)
+        layer0 = models._decoder(hf).layers[0].self_attn
         calls = [0]
         handle = layer0.register_forward_hook(lambda *a: calls.__setitem__(0, calls[0] + 1))
         rec = {"stage": eng.zero_optimization_stage(), "offload_optimizer": bool(eng.zero_cpu_offload()),
