@@ -101,7 +101,7 @@ def _precision_block(precision: str) -> dict:
 
 def student_ds_config(*, micro_batch_size: int, grad_accum_steps: int, world_size: int, zero_stage: int,
                       precision: str, lr: float, betas: list[float], weight_decay: float, grad_clip: float,
-                      warmup_steps: int, max_steps: int, min_lr_ratio: float, offload_optimizer: bool,
+                      offload_optimizer: bool,
                       overrides: Optional[dict] = None) -> dict:
     """DeepSpeed config of the trained student: AdamW (the schedule is `lr_schedule`, passed to the engine)."""
     zero: dict[str, Any] = {"stage": zero_stage}

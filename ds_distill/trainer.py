@@ -166,7 +166,7 @@ def build(cfg: DistillConfig) -> Run:
     student_ds = engines.student_ds_config(
         micro_batch_size=T.micro_batch_size, grad_accum_steps=T.grad_accum_steps, world_size=world,
         zero_stage=T.zero_stage, precision=precision, lr=T.lr, betas=T.betas, weight_decay=T.weight_decay,
-        grad_clip=T.grad_clip, warmup_steps=T.warmup_steps, max_steps=T.max_steps, min_lr_ratio=T.min_lr_ratio,
+        grad_clip=T.grad_clip,
         offload_optimizer=T.offload_optimizer, overrides=cfg.ds_config_overrides)
     torch.manual_seed(T.seed)
     student = engines.load_partitioned(lambda: models.load_causal_lm(
