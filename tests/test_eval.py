@@ -281,6 +281,7 @@ def test_eval_launcher_two_ranks_zero3_equals_one_process(tiny_assets, tmp_path)
     ref = json.loads((tmp_path / "one" / "eval.json").read_text())
     assert two["world_size"] == 2 and two["zero3"] and ref["world_size"] == 1
     a, b = two["results"]["student"], ref["results"]["student"]
-    for k in ("student_ppl", "teacher_ppl", "kl", "agree", "tokens"):
-        assert a[k] == pytest.approx(b[k], rel=1e-9), k
+    assert a["tokens"] == b["tokens"] and a["agree"] == b["agree"]
+    for k in ("student_ppl", "teacher_ppl", "kl"):  # fp32 rounding differs between processes; a mean of means
+        assert a[k] == pytest.approx(b[k], rel=1e-6), k  # would be off by > 1e-4 (see the shard test)
     assert "| student perplexity |" in (tmp_path / "two" / "eval.md").read_text()
