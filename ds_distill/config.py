@@ -368,20 +368,11 @@ def _from_namespace(ns) -> DistillConfig:
     d = ns.as_dict()
     d.pop("config", None)
     d.pop("local_rank", None)
-    kw = {}
-    for f in dataclasses.fields(DistillConfig):
-        if f.name not in d:
-            continue
-        v = d[f.name]
-        sub = f.default_factory() if f.default_factory is not dataclasses.MISSING else None  # type: ignore[misc]
-        if dataclasses.is_dataclass(sub):
-            kw[f.name] = _build(type(sub), v)
-        else:
-            kw[f.name] = v
-    return DistillConfig(**kw)
+    return _build(DistillConfig, d)
 
 
 def _build(cls, d: dict):
+    """Instantiate dataclass `cls` from the parsed dict, recursing into nested dataclass sections."""
     kw = {}
     for f in dataclasses.fields(cls):
         if f.name not in d:
