@@ -18,7 +18,6 @@
 """
 import json
 import os
-import subprocess
 import sys
 
 import pytest
@@ -176,18 +175,31 @@ def _qwen3_dirs(tmp_path):
     return dirs
 
 
-def test_plan_cli_on_qwen3_4b_to_0_6b(tmp_path):
+def test_plan_cli_on_qwen3_4b_to_0_6b(tmp_path, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("plan_cli", ROOT / "launch" / "plan.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)  # in-process: one import of transformers for all the calls below
     dirs = _qwen3_dirs(tmp_path)
-    base = [sys.executable, str(ROOT / "launch" / "plan.py"), "--config",
-            str(ROOT / "ds_configs" / "qwen3_4b_to_0.6b.yaml"), "--teacher.path", dirs["Qwen3-4B"],
+    base = ["--config", str(ROOT / "ds_configs" / "qwen3_4b_to_0.6b.yaml"), "--teacher.path", dirs["Qwen3-4B"],
             "--student.path", dirs["Qwen3-0.6B"], "--num_gpus", "8",
             "--train.grad_accum_steps", "64"]  # 4 x 64 sequences per rank: the suggestion is bounded by memory
 
+    class Out:
+        def __init__(self, rc, stdout):
+            self.returncode, self.stdout = rc, stdout
+
     def plan(mem, *extra):
-        p = subprocess.run(base + ["--gpu_memory_gb", str(mem), *extra], capture_output=True, text=True,
-                           cwd=ROOT, timeout=300)
-        assert p.returncode in (0, 1), p.stderr
-        return p
+        rc = cli.main(base + ["--gpu_memory_gb", str(mem), *extra])
+        assert rc in (0, 1), capsys.readouterr().err
+        return Out(rc, capsys.readouterr().out)
+
+    from ds_distill.planner import read_arch
+
+    # the meta-device count equals the count by hand: embeddings (tied) + 28 x (q, k, v, o, q/k norms, MLP, 2 norms)
+    layer = 1024 * 2048 * 2 + 1024 * 1024 * 2 + 2 * 128 + 3 * 1024 * 3072 + 2 * 1024
+    assert read_arch(dirs["Qwen3-0.6B"]).params == 151936 * 1024 + 28 * layer + 1024 == 596_049_920
 
     p80 = plan(80)
     out = p80.stdout
