@@ -110,7 +110,7 @@ def build_models(out: Path, p: dict):
     rows = (len(tok) + 63) // 64 * 64
     t = tiny.build_model(out / "init" / "teacher", tok, vocab_rows=rows, tie=True, seed=1,
                          max_pos=p["max_length"], **p["teacher_shape"])
-    s = tiny.build_model(out / "init" / "student", tok, vocab_rows=rows, tie=True, seed=2,
+    s = tiny.build_model(out / "init" / "student", tok, vocab_rows=rows, tie=True, seed=p["seed"] + 2,
                          max_pos=p["max_length"], **p["student_shape"])
     nt, ns = (sum(x.numel() for x in m.parameters()) for m in (t, s))
     log(f"models: teacher {nt / 1e6:.2f} M parameters {p['teacher_shape']}, students {ns / 1e6:.2f} M "
@@ -146,7 +146,7 @@ def run_config(out: Path, name: str, p: dict, *, student: Path, steps: int, lr: 
         "loss": {"alpha": alpha, "temperature": p["temperature"], "divergence": "forward_kl", "impl": "chunked",
                  "chunk_size": 512},
         "train": {"micro_batch_size": p["micro_batch_size"], "grad_accum_steps": 1, "lr": lr,
-                  "warmup_steps": max(1, steps // 20), "min_lr_ratio": 0.1, "max_steps": steps, "seed": 0,
+                  "warmup_steps": max(1, steps // 20), "min_lr_ratio": 0.1, "max_steps": steps, "seed": p["seed"],
                   "zero_stage": p["zero_stage"], "precision": "fp32", "log_every": 1},
         "checkpoint": {"every_steps": 0, "keep_last": 1, "resume": "never"},
         # the whole held-out set at steps 0, steps/2 and the end (students); the teacher only at 0 and the end
@@ -263,6 +263,8 @@ def main(argv=None) -> int:
     ap.add_argument("--student_steps", type=int)
     ap.add_argument("--alpha", type=float, help="KD student's loss.alpha")
     ap.add_argument("--temperature", type=float, help="KD student's loss.temperature")
+    ap.add_argument("--seed", type=int, default=0, help="train.seed of every run (data order); the students' "
+                    "initial weights use seed + 2")
     ap.add_argument("--zero_stage", type=int, default=3, choices=[0, 1, 2, 3], help="students' and teacher's ZeRO stage")
     ap.add_argument("--reuse_teacher", action="store_true",
                     help="keep DIR's corpus and trained teacher from an earlier run (for tuning the students)")
@@ -270,7 +272,7 @@ def main(argv=None) -> int:
     p = dict(DEFAULTS)
     if args.quick:
         p.update(QUICK)
-    for k in ("teacher_steps", "student_steps", "alpha", "temperature", "zero_stage"):
+    for k in ("teacher_steps", "student_steps", "alpha", "temperature", "zero_stage", "seed"):
         if getattr(args, k) is not None:
             p[k] = getattr(args, k)
     out = Path(args.out).resolve()
@@ -292,6 +294,7 @@ def main(argv=None) -> int:
     else:
         log(f"[1-2/4] reusing the corpus and trained teacher in {out}")
         corpus = json.loads((out / "corpus.json").read_text())
+        build_models(out, p)  # the students' initial weights follow --seed
     log(f"[3/4] two students, {p['student_steps']} steps each: CE only, then KD (alpha {p['alpha']}, "
         f"T {p['temperature']})")
     times["ce_student"] = train_run(out, "ce_student", "CE student", run_config(
