@@ -516,7 +516,7 @@ class MicroBatchStream:
         self.shard_len = len(range(rank, self.num_rows, world_size))
         if self.shard_len == 0:
             raise DataError(f"data.train_files: {self.num_rows} usable training samples cannot feed {world_size} ranks "
-                            "(rank {rank} would get none) -> add data or use fewer ranks")
+                            f"(rank {rank} would get none) -> add data or use fewer ranks")
         self.samples_consumed = int(samples_consumed)
         self._cached_epoch: int | None = None
         self._cached_shard: list[int] = []
