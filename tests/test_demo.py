@@ -47,7 +47,7 @@ def test_quick_demo_end_to_end(tmp_path):
     assert res["teacher_ppl"] == ev["KD student"]["teacher_ppl"] == ev["CE student"]["teacher_ppl"]
     assert f"{res['kd_student_ppl']:.2f}" in proc.stdout and f"{res['teacher_ppl']:.2f}" in proc.stdout
     # training worked at all: every trained model beats the untrained student by far, the teacher most
-    assert res["teacher_ppl"] < min(res["ce_student_ppl"], res["kd_student_ppl"]) < 0.5 * res["student_before_ppl"]
+    assert res["teacher_ppl"] < min(res["ce_student_ppl"], res["kd_student_ppl"]) < 0.7 * res["student_before_ppl"]
 
     steps = demo.QUICK["student_steps"]
     for run, col in (("kd_student", "KD student"), ("ce_student", "CE student")):
