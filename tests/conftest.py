@@ -54,6 +54,8 @@ def tiny_config(assets: dict, output_dir, fmt: str = "guanaco", **sections) -> d
         "train": {"micro_batch_size": 2, "grad_accum_steps": 2, "lr": 3e-3, "warmup_steps": 2, "max_steps": 6,
                   "zero_stage": 3},
         "checkpoint": {"every_steps": 0, "keep_last": 2, "resume": "auto"},
+        # every run evaluates at step 0 and at the end: a few batches and no generations keep that cheap in tests
+        "eval": {"max_batches": 4, "generations": 0},
         "output_dir": str(output_dir),
         "wandb": {"mode": "disabled"},
     }
