@@ -49,11 +49,23 @@ def init_distributed(timeout_s: float = 1800.0) -> tuple[int, int, int]:
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29500")
     if not dist.is_initialized():
+        _skip_cpu_shm_op()
         deepspeed.init_distributed(timeout=datetime.timedelta(seconds=timeout_s))
     local_rank = int(os.environ["LOCAL_RANK"])
     if get_accelerator().device_name() != "cpu":
         get_accelerator().set_device(local_rank)
     return dist.get_rank(), dist.get_world_size(), local_rank
+
+
+def _skip_cpu_shm_op() -> None:
+    """On the CPU accelerator DeepSpeed JIT-compiles its shared-memory all-reduce op at every process-group start.
+    Only `inference_all_reduce` uses it (training goes through torch.distributed / gloo), and a rank killed while
+    holding the op's build lock (~/.cache/torch_extensions/.../lock) makes every later launch on the machine wait
+    forever. Mark it unavailable; DeepSpeed then skips it. GPUs are unaffected (they have no such op)."""
+    if get_accelerator().device_name() == "cpu":
+        import deepspeed.ops
+
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def _first_host(nodelist: str) -> str:

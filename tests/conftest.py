@@ -17,6 +17,12 @@ sys.path.insert(0, str(ROOT))
 # The venv's ninja first: DeepSpeed's JIT ops (~/.cache/torch_extensions) are rebuilt whenever a different ninja
 # sees them, and every launch waits on that rebuild's lock (minutes).
 os.environ["PATH"] = f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"
+# The ops are built once by launch/install.sh into the venv. A zero-byte `lock` left there by a process killed while
+# it held the build lock (a test timeout) would make every later launch wait forever: no build runs while a test
+# session starts, so any lock found now is stale.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
+for _lock in Path(os.environ["TORCH_EXTENSIONS_DIR"]).glob("**/lock"):
+    _lock.unlink(missing_ok=True)
 
 
 def free_port() -> int:
