@@ -22,6 +22,10 @@ Methods:
   chunked_jsd ds_distill impl=chunked, generalised JSD beta = 0.5 (the same loss as Liger's below)
   liger       liger_kernel LigerFusedLinearJSDLoss (beta 0.5, torch.compile; one warm-up call compiles it first)
   matmul      the loss's own GEMMs alone, chunked like `chunked`: teacher + student logits, grad hidden, grad weight
+  matmul2     the two lm_head GEMMs alone (teacher + student logits), chunked like `chunked`
+
+GPU (--device cuda): bf16 inputs and lm_heads (fp32 softmax statistics inside the losses), one untimed warm-up
+step per method, then one timed step (synchronised); peak = torch.cuda.max_memory_allocated above the inputs.
 The naive and seed_topk losses are skipped where their [N, V] tensors would not fit in memory.
 """
 from __future__ import annotations
@@ -90,19 +94,21 @@ def _seed_losses():
     return DistillationLoss(), DistillationLossWithTopK()
 
 
-def worker(method: str, n: int, chunk_size: int, top_k: int) -> dict:
+def worker(method: str, n: int, chunk_size: int, top_k: int, device: str = "cpu") -> dict:
     import torch
 
     sys.path.insert(0, ROOT)
     from ds_distill.losses import distill_loss
 
-    torch.set_num_threads(2)
+    gpu = device != "cpu"
+    dt_in = torch.bfloat16 if gpu else torch.float32  # GPU: bf16 inputs and matmuls, fp32 softmax statistics
+    torch.set_num_threads(2 if not gpu else torch.get_num_threads())
     torch.manual_seed(0)
-    hs = torch.randn(n, HS).requires_grad_(True)
-    ws = (torch.randn(V, HS) * 0.05).requires_grad_(True)
-    ht = torch.randn(n, HT)
-    wt = torch.randn(V, HT) * 0.05
-    labels = torch.randint(0, V, (n,))
+    hs = torch.randn(n, HS, device=device, dtype=dt_in).requires_grad_(True)
+    ws = (torch.randn(V, HS, device=device) * 0.05).to(dt_in).requires_grad_(True)
+    ht = torch.randn(n, HT, device=device, dtype=dt_in)
+    wt = (torch.randn(V, HT, device=device) * 0.05).to(dt_in)
+    labels = torch.randint(0, V, (n,), device=device)
     kw = dict(vocab_size=V, alpha=0.5, temperature=1.0, chunk_size=chunk_size, top_k=top_k)
     extra = {}
 
@@ -110,7 +116,7 @@ def worker(method: str, n: int, chunk_size: int, top_k: int) -> dict:
         ids, lps = [], []
         with torch.no_grad():
             for c0 in range(0, n, 512):
-                lp = torch.log_softmax(ht[c0:c0 + 512] @ wt.T, -1)
+                lp = torch.log_softmax((ht[c0:c0 + 512] @ wt.T).float(), -1)
                 v, i = lp.topk(top_k, dim=1)
                 ids.append(i)
                 lps.append(v)
@@ -139,9 +145,16 @@ def worker(method: str, n: int, chunk_size: int, top_k: int) -> dict:
             loss = liger(hs, ws, ht, wt, labels)
             loss.backward()
             return loss
+        if method == "matmul2":  # the two lm_head GEMMs alone (student and teacher logits), chunked
+            with torch.no_grad():
+                for c0 in range(0, n, chunk_size):
+                    s = hs[c0:c0 + chunk_size] @ ws.T
+                    t = ht[c0:c0 + chunk_size] @ wt.T
+                    del s, t
+            return hs[0, 0]
         if method == "matmul":
-            grad_w = torch.zeros(V, HS)
-            grad_h = torch.empty(n, HS)
+            grad_w = torch.zeros(V, HS, device=device, dtype=dt_in)
+            grad_h = torch.empty(n, HS, device=device, dtype=dt_in)
             with torch.no_grad():
                 for c0 in range(0, n, chunk_size):
                     h_c = hs[c0:c0 + chunk_size]
@@ -162,6 +175,21 @@ def worker(method: str, n: int, chunk_size: int, top_k: int) -> dict:
         (out.total / n).backward()
         return out.total / n
 
+    if gpu:  # one untimed step first (kernel selection, compilation, allocator), then time a second one
+        step()
+        hs.grad = ws.grad = None
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        t0 = time.perf_counter()
+        loss = step()
+        torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+        res = dict(method=method, n=n, chunk_size=chunk_size, seconds=round(dt, 4), cpu_seconds=round(dt, 4),
+                   peak_mb=round(peak), loss=float(loss.detach().float()), inputs_mb=round(base / 2**20),
+                   device=torch.cuda.get_device_name())
+        return res
     rss0 = _status_mb("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:  # reset VmHWM to the current RSS
         f.write("5")
@@ -191,8 +219,8 @@ def _mem_available_mb() -> float:
     return float("inf")
 
 
-def _fits(method: str, n: int) -> tuple[bool, str]:
-    if method not in NAIVE_LIKE:
+def _fits(method: str, n: int, device: str = "cpu") -> tuple[bool, str]:
+    if method not in NAIVE_LIKE or device != "cpu":
         return True, ""
     inputs = (V * (HS + HT) + n * (HS + HT)) * 4 / 2**20
     need = inputs + 6.5 * n * V * 4 / 2**20  # ~6 live [N, V] fp32 tensors at the peak (14.3 GB at N = 4096)
@@ -205,11 +233,11 @@ def _fits(method: str, n: int) -> tuple[bool, str]:
 def run_one(spec: str, n: int, args) -> dict:
     """spec = method or method@chunk_size (e.g. chunked@256)."""
     method, _, chunk = spec.partition("@")
-    ok, why = _fits(method, n)
+    ok, why = _fits(method, n, args.device)
     if not ok:
         return dict(method=spec, n=n, skipped=why)
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", method, "--n", str(n),
-           "--chunk-size", chunk or str(args.chunk_size), "--top-k", str(args.top_k)]
+           "--chunk-size", chunk or str(args.chunk_size), "--top-k", str(args.top_k), "--device", args.device]
     load = os.getloadavg()[0]
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
@@ -228,22 +256,25 @@ def report(results: list[dict]) -> str:
     flops = {n: 2 * n * V * (HT + 3 * HS) for n in {r["n"] for r in results}}
     base = {(r["n"], r["method"]): r for r in results if "seconds" in r}
     # time ratios are taken to the matmul-only run at the same N (and the same chunk size when there is one)
-    mm_by_chunk = {(r["n"], r["chunk_size"]): r for r in results if r.get("method", "").startswith("matmul")
-                   and "seconds" in r}
-    lines = ["| N | method | wall s | CPU s | x naive wall | x matmul-only wall (CPU) | peak MB above inputs |"
-             " x naive peak | peak minus the 622 MB lm_head grad | load avg before |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    grad_mb = V * HS * 4 / 2**20
+    mm_by_chunk = {(r["n"], r["chunk_size"]): r for r in results
+                   if r.get("method", "").split("@")[0] == "matmul" and "seconds" in r}
+    gpu = any("device" in r for r in results)
+    lines = ["| N | method | wall s | CPU s | x naive wall | x matmul-only wall (CPU) | x 2 lm_head GEMMs wall |"
+             " peak MB above inputs | x naive peak | peak minus the lm_head grad | load avg before |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    grad_mb = V * HS * (2 if gpu else 4) / 2**20
     for r in results:
         if "seconds" not in r:
-            lines.append(f"| {r['n']} | {r['method']} | - | - | - | - | - | - | - | {r['skipped']} |")
+            lines.append(f"| {r['n']} | {r['method']} | - | - | - | - | - | - | - | - | {r['skipped']} |")
             continue
         naive = base.get((r["n"], "naive"))
         mm = mm_by_chunk.get((r["n"], r["chunk_size"]), base.get((r["n"], "matmul")))
+        mm2 = base.get((r["n"], "matmul2"))
         tn = f"{r['seconds'] / naive['seconds']:.2f}" if naive else "-"
         tm = f"{r['seconds'] / mm['seconds']:.2f} ({r['cpu_seconds'] / mm['cpu_seconds']:.2f})" if mm else "-"
+        t2 = f"{r['seconds'] / mm2['seconds']:.2f}" if mm2 else "-"
         pn = f"1/{naive['peak_mb'] / max(r['peak_mb'], 1):.1f}" if naive else "-"
-        lines.append(f"| {r['n']} | {r['method']} | {r['seconds']:.1f} | {r['cpu_seconds']:.1f} | {tn} | {tm} |"
+        lines.append(f"| {r['n']} | {r['method']} | {r['seconds']:.4g} | {r['cpu_seconds']:.4g} | {tn} | {tm} | {t2} |"
                      f" {r['peak_mb']} | {pn} | {r['peak_mb'] - grad_mb:.0f} | {r.get('load_before', '-')} |")
     lines.append("")
     for n, f in sorted(flops.items()):
@@ -261,10 +292,12 @@ def main() -> None:
     ap.add_argument("--top-k", type=int, default=64)
     ap.add_argument("--timeout", type=int, default=900, help="seconds per method run")
     ap.add_argument("--json", help="append every result as a JSON line to this file")
+    ap.add_argument("--device", default="cpu", help="cpu (fp32) or cuda (bf16 inputs; CUDA events timing, "
+                    "torch.cuda peak memory above the inputs; one warm-up step per method)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.worker, args.n[0], args.chunk_size, args.top_k)))
+        print(json.dumps(worker(args.worker, args.n[0], args.chunk_size, args.top_k, args.device)))
         return
     plan = {n: (args.methods or DEFAULT_PLAN.get(n, DEFAULT_PLAN[4096])) for n in (args.n or DEFAULT_PLAN)}
     results = []
