@@ -5,6 +5,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=$(bash launch/install.sh | tail -n 1)
-export PATH="$PWD/$VENV/bin:$PATH"
-export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$PWD/$VENV/torch_extensions}"
+export PATH="$VENV/bin:$PATH"
+export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$VENV/torch_extensions}"
 exec "$VENV/bin/python" launch/demo.py "$@"

@@ -20,10 +20,12 @@ fi
 # DeepSpeed compiles its CPU Adam ops on first use (minutes on a small machine). Build them once here, one at a time,
 # into the venv (TORCH_EXTENSIONS_DIR; demo.sh and tests/run.sh point there), so that parallel ranks and tests never
 # race on, or wait forever behind the stale lock of, a half-done build. GPU machines: nothing to do here.
-EXT="$PWD/$VENV/torch_extensions"
+VENV=$(cd "$VENV" && pwd)   # absolute from here on (callers use the printed path)
+EXT="$VENV/torch_extensions"
+mkdir -p "$EXT"
 if [ ! -e "$EXT/.built" ]; then
   find "$EXT" -name lock -size 0 -delete 2>/dev/null || true
-  PATH="$PWD/$VENV/bin:$PATH" TORCH_EXTENSIONS_DIR="$EXT" "$VENV/bin/python" - >&2 <<'PY'
+  PATH="$VENV/bin:$PATH" TORCH_EXTENSIONS_DIR="$EXT" "$VENV/bin/python" - >&2 <<'PY'
 from deepspeed.accelerator import get_accelerator
 if get_accelerator().device_name() == "cpu":
     for name in ("FusedAdamBuilder", "CPUAdamBuilder"):

@@ -5,6 +5,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash .ci/slurm_setup.sh   # slurm-wlm + munge for tests/test_slurm.py (only as root; otherwise it says why it skips)
 VENV=$(bash launch/install.sh | tail -n 1)
-export PATH="$PWD/$VENV/bin:$PATH"
-export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$PWD/$VENV/torch_extensions}"
+export PATH="$VENV/bin:$PATH"
+export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$VENV/torch_extensions}"
 exec "$VENV/bin/python" -m pytest -q -ra tests "$@"
