@@ -40,7 +40,7 @@ DEFAULTS = dict(vocab_size=2048, max_length=128, micro_batch_size=8, train_recor
                 teacher_steps=400, student_steps=200, lr=3e-3, student_lr=3e-3, alpha=0.7, temperature=2.0,
                 teacher_shape=dict(hidden=128, layers=4, heads=4, kv_heads=2, intermediate=352),
                 student_shape=dict(hidden=48, layers=2, heads=4, kv_heads=2, intermediate=128))
-QUICK = dict(vocab_size=512, max_length=64, train_records=800, eval_records=80, teacher_steps=16, student_steps=8,
+QUICK = dict(vocab_size=512, max_length=64, train_records=800, eval_records=80, teacher_steps=40, student_steps=20,
              teacher_shape=dict(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=192),
              student_shape=dict(hidden=32, layers=1, heads=4, kv_heads=2, intermediate=64))
 HELD_OUT_EVERY = 10

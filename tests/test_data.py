@@ -319,10 +319,9 @@ def test_sample_ids_are_global_over_files_and_nothing_written(tok, tmp_path):
     assert ds.cache_files == []
 
 
-def test_assets_tiny_all_formats_if_present(tok):
-    root = os.path.join(os.path.dirname(__file__), "..", "assets", "tiny", "data")
-    if not os.path.isdir(root):
-        pytest.skip("assets/tiny not built")
+def test_tiny_assets_all_formats_train_the_answers_only(tok, tiny_assets):
+    """The data `python -m ds_distill.tiny` ships (what the demo-size runs and the tests train on)."""
+    root = tiny_assets["data"]
     for fmt in ("guanaco", "instruction", "chat"):
         ds = build_dataset([os.path.join(root, f"{fmt}_eval.jsonl")], fmt, tok, max_length=64)
         assert len(ds) > 0
