@@ -1,6 +1,6 @@
 """The demo: distillation beats plain training of the same student, on real text, offline, on 2 CPU cores.
 
-    python launch/demo.py                       # ~10 minutes on an idle 2-core machine; outputs in runs/demo
+    python launch/demo.py                       # about 6 minutes on an idle 2-core machine; outputs in runs/demo
     python launch/demo.py --out DIR --quick     # a reduced run (about 3 minutes) that checks the plumbing
 
 What it does, with progress on the console:
