@@ -86,11 +86,18 @@ IMPLS = ("full", "chunked", "topk")
 IGNORE_INDEX = -100
 _NEG_INF = float("-inf")
 _TINY = torch.finfo(torch.float32).tiny
-# Rows processed together by the element-wise part of the chunked passes. On CPU, 8 x 151,936 fp32 = 4.9 MB per
-# temporary keeps a slab's working set in L3, so the ~15 element-wise passes after each GEMM cost L3, not DRAM,
-# bandwidth. On GPU, larger slabs amortise kernel launches.
-_SLAB_ROWS_CPU = 8
-_SLAB_ROWS_GPU = 128
+# Elements (rows x V) processed together by the element-wise part of the chunked passes. On CPU, 8 rows x 151,936
+# fp32 = 4.9 MB per temporary keeps a slab's working set in L3, so the ~15 element-wise passes after each GEMM cost
+# L3, not DRAM, bandwidth. On GPU, larger slabs amortise kernel launches. Sized in elements, not rows: at a small
+# vocabulary a fixed 8 rows would mean hundreds of slabs per chunk, each paying ~50 ops' dispatch overhead (on a
+# 1000-token vocabulary that overhead was ~20% of a whole training step).
+_SLAB_ELEMS_CPU = 8 * 151936
+_SLAB_ELEMS_GPU = 128 * 151936
+
+
+def _slab_rows(device: torch.device, vocab_size: int) -> int:
+    elems = _SLAB_ELEMS_CPU if device.type == "cpu" else _SLAB_ELEMS_GPU
+    return max(1, elems // max(vocab_size, 1))
 
 
 @dataclass
@@ -356,7 +363,7 @@ class _FusedLinearDistill(torch.autograd.Function):
         grad_w = (torch.zeros(student_weight.shape, dtype=torch.float32 if accumulate_fp32 else student_weight.dtype,
                               device=dev) if o.need_grad_weight else None)
         stats = torch.zeros(len(_STATS), dtype=torch.float64, device=dev)
-        slab = _SLAB_ROWS_CPU if dev.type == "cpu" else _SLAB_ROWS_GPU
+        slab = _slab_rows(dev, V)
         # preallocated element-wise temporaries, reused by every slab (fresh [slab, V] allocations would page-fault
         # on every slab on CPU)
         work = torch.empty(6, min(slab, max(n, 1)), V, dtype=torch.float32, device=dev)  # [6, slab, V]

@@ -57,7 +57,13 @@ CASES = [dict(temperature=1.0, alpha=0.5), dict(temperature=2.0, alpha=1.0), dic
 
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 @pytest.mark.parametrize("case", range(len(CASES)))
-def test_chunked_and_topk_full_vocab_equal_full(divergence, case):
+@pytest.mark.parametrize("slab_rows", [None, 3])
+def test_chunked_and_topk_full_vocab_equal_full(divergence, case, slab_rows, monkeypatch):
+    if slab_rows:  # several element-wise slabs per chunk, the last one short (at V = 151,936 the default is 8 rows)
+        import ds_distill.losses as losses_mod
+
+        monkeypatch.setattr(losses_mod, "_SLAB_ELEMS_CPU", slab_rows * V)
+        assert losses_mod._slab_rows(torch.device("cpu"), V) == slab_rows
     hs, ws, ht, wt, labels = make_inputs()
     kw = dict(divergence=divergence, beta=0.3, skew_lambda=0.2, **CASES[case])
     ref, gh_ref, gw_ref = run("full", hs, ws, ht, wt, labels, **kw)
