@@ -130,7 +130,7 @@ def run_baseline(paths: dict, steps: int, seq: int, batch: int, out: str) -> Non
 def run_ours(paths: dict, steps: int, seq: int, work: Path, impl: str = "chunked") -> dict:
     import yaml
 
-    out = work / ("ours_run" if impl == "chunked" else f"ours_run_{impl}")
+    out = work / f"ours_run_{impl}"
     cfg = {
         "teacher": {"path": paths["teacher"], "ds_config": str(ROOT / "ds_configs" / "teacher_zero3.json")},
         "student": {"path": paths["student"]}, "tokenizer_path": paths["tokenizer"],

@@ -49,7 +49,7 @@ def init_distributed(timeout_s: float = 1800.0) -> tuple[int, int, int]:
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29500")
     if not dist.is_initialized():
-        _skip_cpu_shm_op()
+        skip_cpu_shm_op()
         deepspeed.init_distributed(timeout=datetime.timedelta(seconds=timeout_s))
     local_rank = int(os.environ["LOCAL_RANK"])
     if get_accelerator().device_name() != "cpu":
@@ -57,7 +57,7 @@ def init_distributed(timeout_s: float = 1800.0) -> tuple[int, int, int]:
     return dist.get_rank(), dist.get_world_size(), local_rank
 
 
-def _skip_cpu_shm_op() -> None:
+def skip_cpu_shm_op() -> None:
     """On the CPU accelerator DeepSpeed JIT-compiles its shared-memory all-reduce op at every process-group start.
     Only `inference_all_reduce` uses it (training goes through torch.distributed / gloo), and a rank killed while
     holding the op's build lock (~/.cache/torch_extensions/.../lock) makes every later launch on the machine wait

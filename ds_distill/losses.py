@@ -95,8 +95,9 @@ _SLAB_ELEMS_CPU = 8 * 151936
 _SLAB_ELEMS_GPU = 128 * 151936
 
 
-def _slab_rows(device: torch.device, vocab_size: int) -> int:
-    elems = _SLAB_ELEMS_CPU if device.type == "cpu" else _SLAB_ELEMS_GPU
+def slab_rows(device_type: str, vocab_size: int) -> int:
+    """Rows per element-wise slab on `device_type` ("cpu", or any accelerator); the planner counts the same."""
+    elems = _SLAB_ELEMS_CPU if device_type == "cpu" else _SLAB_ELEMS_GPU
     return max(1, elems // max(vocab_size, 1))
 
 
@@ -363,7 +364,7 @@ class _FusedLinearDistill(torch.autograd.Function):
         grad_w = (torch.zeros(student_weight.shape, dtype=torch.float32 if accumulate_fp32 else student_weight.dtype,
                               device=dev) if o.need_grad_weight else None)
         stats = torch.zeros(len(_STATS), dtype=torch.float64, device=dev)
-        slab = _slab_rows(dev, V)
+        slab = slab_rows(dev.type, V)
         # preallocated element-wise temporaries, reused by every slab (fresh [slab, V] allocations would page-fault
         # on every slab on CPU)
         work = torch.empty(6, min(slab, max(n, 1)), V, dtype=torch.float32, device=dev)  # [6, slab, V]

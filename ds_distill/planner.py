@@ -53,7 +53,6 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 GiB = 2 ** 30
-SLAB_ELEMS = {"cpu": 8 * 151936, "gpu": 128 * 151936}  # losses._SLAB_ELEMS_CPU / _GPU (see losses._slab_rows)
 SLAB_TEMPS = 6  # [slab, V] fp32 temporaries alive at once in a loss slab (q, p, q at T=1, gradient, scratch)
 DS_REDUCE_BUCKET = int(5e8)  # DeepSpeed defaults
 DS_REUSE_DISTANCE = int(1e9)
@@ -255,7 +254,9 @@ def estimate(cfg, *, world_size: int, device: str = "gpu", student: Optional[Arc
     c = min(c_size, tok)
     ph.append(Item("student final hidden + loss row copies + hidden grads", tok * s.hidden * e * 5))
     chunk = c * V * 4 * (2 if t is not None else 1) + (c * V * e if e != 4 else 0)
-    slab = max(1, min(SLAB_ELEMS[device] // V, c))
+    from ds_distill.losses import slab_rows
+
+    slab = min(slab_rows(device, V), c)
     ph.append(Item("loss chunk buffers", chunk + SLAB_TEMPS * slab * V * 4,
                    note=f"{'2' if t is not None else '1'} x {c} x {V} fp32 + {SLAB_TEMPS} x {slab} x V"))
     if lora.rank == 0:

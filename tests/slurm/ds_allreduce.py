@@ -41,9 +41,9 @@ import deepspeed  # noqa: E402
 import deepspeed.comm as dist  # noqa: E402
 import torch  # noqa: E402
 
-import deepspeed.ops  # noqa: E402
+from ds_distill.engines import skip_cpu_shm_op  # noqa: E402
 
-deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # as ds_distill.engines does on CPU: no JIT build
+skip_cpu_shm_op()  # as the trainer does: no JIT build of DeepSpeed's CPU shm op (see engines.skip_cpu_shm_op)
 deepspeed.init_distributed(dist_backend="gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
 t = torch.tensor([float(rank + 1)])
