@@ -1,7 +1,7 @@
 """KD loss benchmark at Qwen's vocabulary: wall time and peak memory of forward + backward, each method in a fresh
 process.
 
-    python benchmarks/kd_loss.py                       # the default plan (about 15 min on the 2-core CPU box)
+    python benchmarks/kd_loss.py                       # the default plan (about 20 min on the 2-core CPU box)
     python benchmarks/kd_loss.py --n 1024 --methods chunked matmul chunked@256   # method@chunk_size overrides
 
 Setup: V = 151,936, student hidden 1024, teacher hidden 2560, N tokens (all trained), fp32 on CPU (bf16 matmuls are
@@ -22,6 +22,8 @@ Methods:
   chunked_jsd ds_distill impl=chunked, generalised JSD beta = 0.5 (the same loss as Liger's below)
   liger       liger_kernel LigerFusedLinearJSDLoss (beta 0.5, torch.compile; one warm-up call compiles it first)
   matmul      the loss's own GEMMs alone, chunked like `chunked`: teacher + student logits, grad hidden, grad weight
+              (in the chunk layout distill_loss uses on the device, losses.chunk_layout: on CPU [V, c] = W @ h^T,
+              the faster one there, so the ratio to it is the element-wise part's cost, not a layout difference)
   matmul2     the two lm_head GEMMs alone (teacher + student logits), chunked like `chunked`
 
 GPU (--device cuda): bf16 inputs and lm_heads (fp32 softmax statistics inside the losses), one untimed warm-up
@@ -40,10 +42,11 @@ import time
 
 V, HS, HT = 151936, 1024, 2560
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_PLAN = {  # N -> methods; sized to keep the whole run near 15 minutes on the 2-core CPU box
+DEFAULT_PLAN = {  # N -> methods; about 20 minutes on the 2-core CPU box
     1024: ["matmul", "naive", "seed_topk", "full", "chunked", "topk", "chunked_jsd", "liger"],
-    4096: ["matmul", "naive", "seed_topk", "chunked", "chunked@256", "topk", "topk_cache", "liger"],
-    8192: ["matmul", "chunked"],
+    4096: ["matmul", "matmul@128", "naive", "seed_topk", "chunked", "chunked@128", "topk", "topk@128", "topk_cache",
+           "liger"],
+    8192: ["matmul@128", "chunked@128"],
 }
 NAIVE_LIKE = ("naive", "seed_topk", "full")
 
@@ -98,7 +101,9 @@ def worker(method: str, n: int, chunk_size: int, top_k: int, device: str = "cpu"
     import torch
 
     sys.path.insert(0, ROOT)
-    from ds_distill.losses import distill_loss
+    from ds_distill.losses import chunk_layout, distill_loss
+
+    vocab_major = chunk_layout("cuda" if device != "cpu" else "cpu") == "vocab_major"
 
     gpu = device != "cpu"
     dt_in = torch.bfloat16 if gpu else torch.float32  # GPU: bf16 inputs and matmuls, fp32 softmax statistics
@@ -149,8 +154,10 @@ def worker(method: str, n: int, chunk_size: int, top_k: int, device: str = "cpu"
         if method == "matmul2":  # the two lm_head GEMMs alone (student and teacher logits), chunked
             with torch.no_grad():
                 for c0 in range(0, n, chunk_size):
-                    s = hs[c0:c0 + chunk_size] @ ws.T
-                    t = ht[c0:c0 + chunk_size] @ wt.T
+                    if vocab_major:
+                        s, t = ws @ hs[c0:c0 + chunk_size].T, wt @ ht[c0:c0 + chunk_size].T
+                    else:
+                        s, t = hs[c0:c0 + chunk_size] @ ws.T, ht[c0:c0 + chunk_size] @ wt.T
                     del s, t
             return hs[0, 0]
         if method == "matmul":
@@ -159,12 +166,16 @@ def worker(method: str, n: int, chunk_size: int, top_k: int, device: str = "cpu"
             with torch.no_grad():
                 for c0 in range(0, n, chunk_size):
                     h_c = hs[c0:c0 + chunk_size]
-                    s = h_c @ ws.T
-                    t = ht[c0:c0 + chunk_size] @ wt.T
+                    if vocab_major:  # the layout distill_loss uses on this device (losses.chunk_layout)
+                        g = (ws @ h_c.T).T
+                        t = wt @ ht[c0:c0 + chunk_size].T
+                    else:
+                        g = h_c @ ws.T
+                        t = ht[c0:c0 + chunk_size] @ wt.T
                     del t
-                    torch.mm(s, ws, out=grad_h[c0:c0 + chunk_size])
-                    grad_w.addmm_(s.T, h_c)
-                    del s
+                    torch.mm(g, ws, out=grad_h[c0:c0 + chunk_size])
+                    grad_w.addmm_(g.T, h_c)
+                    del g
             return grad_w[0, 0]
         if method == "topk_cache":
             out = distill_loss(hs, ws, labels, impl="topk", teacher_topk=extra["teacher_topk"], **kw)

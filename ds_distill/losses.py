@@ -93,6 +93,30 @@ _TINY = torch.finfo(torch.float32).tiny
 # 1000-token vocabulary that overhead was ~20% of a whole training step).
 _SLAB_ELEMS_CPU = 8 * 151936
 _SLAB_ELEMS_GPU = 128 * 151936
+LAYOUTS = ("auto", "token_major", "vocab_major")
+
+
+def chunk_layout(device_type: str, layout: str = "auto") -> str:
+    """The memory layout of a chunk's [c, V] logits: "token_major" ([c, V], rows are tokens) or "vocab_major"
+    ([V, c], the logits GEMM written as lm_head @ hidden^T).
+
+    "auto" picks vocab_major on CPU: there the [V, H] x [H, c] GEMM runs 1.1x (c = 1024) to 1.4x (c = 128) faster
+    than [c, H] x [H, V] (the BLAS streams the 151,936-row weight once per chunk either way, but packs it far more
+    cheaply as the left operand), which is what lets small chunks, hence small memory, keep the GEMM rate. The
+    element-wise part then copies each slab of token columns into contiguous rows and writes the gradient back.
+    On accelerators "auto" is token_major (no copies; cuBLAS is indifferent to the operand order).
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout={layout!r}: expected one of {LAYOUTS}")
+    if layout != "auto":
+        return layout
+    return "vocab_major" if device_type == "cpu" else "token_major"
+
+
+def slab_temps(device_type: str, layout: str = "auto") -> int:
+    """[slab, V] fp32 temporaries the chunked passes allocate (the planner counts the same): six for the element-wise
+    math, plus, in vocab_major, the slab's student and teacher rows and a staging block for the transposing copies."""
+    return 9 if chunk_layout(device_type, layout) == "vocab_major" else 6
 
 
 def slab_rows(device_type: str, vocab_size: int) -> int:
@@ -197,6 +221,7 @@ class _Opts:
     impl: str
     need_grad_hidden: bool
     need_grad_weight: bool
+    layout: str = "token_major"
 
 
 def distill_loss(
@@ -216,13 +241,15 @@ def distill_loss(
     impl: str = "chunked",
     chunk_size: int = 1024,
     top_k: int = 64,
+    layout: str = "auto",
 ) -> LossSums:
     """Distillation + CE loss sums for N positions (see the module docstring for every convention).
 
     student_hidden [N, Hs] final hidden states of the positions predicting `labels` [N] (already shifted, -100 =
     not trained); student_weight [Vs_rows, Hs] the student lm_head; teacher_hidden [N, Ht] / teacher_weight
     [Vt_rows, Ht] likewise for the teacher, or teacher_topk = (ids [N, k], logprobs [N, k]) from an offline cache
-    (impl="topk" only). alpha == 0 trains CE only and needs no teacher.
+    (impl="topk" only). alpha == 0 trains CE only and needs no teacher. `layout` (chunked / topk) is the chunk
+    logits' memory layout, see `chunk_layout`; it changes speed only, never the result beyond fp32 rounding.
     """
     if divergence not in DIVERGENCES:
         raise ValueError(f"divergence={divergence!r}: expected one of {DIVERGENCES}")
@@ -259,7 +286,8 @@ def distill_loss(
     opts = _Opts(vocab_size=vocab_size, alpha=float(alpha), temperature=float(temperature), divergence=divergence,
                  beta=float(beta), skew_lambda=float(skew_lambda), chunk_size=int(chunk_size), top_k=int(top_k),
                  impl=impl, need_grad_hidden=grad_on and student_hidden.requires_grad,
-                 need_grad_weight=grad_on and student_weight.requires_grad)
+                 need_grad_weight=grad_on and student_weight.requires_grad,
+                 layout=chunk_layout(student_hidden.device.type, layout))
 
     # Drop untrained positions before any matmul (one host sync); also validates the labels.
     valid = labels != IGNORE_INDEX
@@ -365,29 +393,39 @@ class _FusedLinearDistill(torch.autograd.Function):
                               device=dev) if o.need_grad_weight else None)
         stats = torch.zeros(len(_STATS), dtype=torch.float64, device=dev)
         slab = slab_rows(dev.type, V)
+        vocab_major = o.layout == "vocab_major"
         # preallocated element-wise temporaries, reused by every slab (fresh [slab, V] allocations would page-fault
-        # on every slab on CPU)
-        work = torch.empty(6, min(slab, max(n, 1)), V, dtype=torch.float32, device=dev)  # [6, slab, V]
+        # on every slab on CPU); vocab_major adds two for the slab's student and teacher rows
+        work = torch.empty(slab_temps(dev.type, o.layout), min(slab, max(n, 1)), V, dtype=torch.float32,
+                           device=dev)
         want_grad = o.need_grad_hidden or o.need_grad_weight
+        has_t = o.alpha > 0 and t_hidden is not None
         for c0 in range(0, n, o.chunk_size):
             c1 = min(c0 + o.chunk_size, n)
             h_c = h[c0:c1]
-            s = (h_c @ w_s.T).float()  # [c, V] student logits, becomes d(total)/d(logits) in place
-            t = (t_hidden[c0:c1] @ w_t.T).float() if (o.alpha > 0 and t_hidden is not None) else None  # [c, V]
+            # student logits ([c, V] or [V, c]), overwritten in place with d(total)/d(logits); teacher logits
+            if vocab_major:
+                s = torch.mm(w_s, h_c.T).float()
+                t = torch.mm(w_t, t_hidden[c0:c1].T).float() if has_t else None
+            else:
+                s = (h_c @ w_s.T).float()
+                t = (t_hidden[c0:c1] @ w_t.T).float() if has_t else None
             ids_c = topk_ids[c0:c1] if topk_ids is not None else None
             lp_c = topk_lp[c0:c1] if topk_lp is not None else None
             stats += _chunk_slabs(s, t, ids_c, lp_c, lab[c0:c1], o, work)
             del t  # no view of it survives (_chunk_slabs owns them): freed before the next chunk allocates
             if want_grad:
-                # [c, V] d(total)/d(student logits) in the matmul dtype; for bf16 the fp32 buffer is dropped here
+                # d(total)/d(student logits) in the matmul dtype; for bf16 the fp32 buffer is dropped here
                 s = s.to(h_c.dtype)
+                g = s.T if vocab_major else s  # [c, V] view either way
                 if grad_h is not None:
-                    torch.mm(s, w_s, out=grad_h[c0:c1])
+                    torch.mm(g, w_s, out=grad_h[c0:c1])
                 if grad_w is not None:
                     if accumulate_fp32:
-                        grad_w[:V] += (s.T @ h_c).float()
+                        grad_w[:V] += (g.T @ h_c).float()
                     else:
-                        grad_w[:V].addmm_(s.T, h_c)
+                        grad_w[:V].addmm_(g.T, h_c)
+                del g  # a view of s: it would keep the chunk alive while the next one allocates
             del s
         total = (o.alpha * o.temperature ** 2 * stats[1] + (1 - o.alpha) * stats[0]).float()
         if grad_h is not None and compact:
@@ -414,19 +452,37 @@ class _FusedLinearDistill(torch.autograd.Function):
 
 def _chunk_slabs(s: Tensor, t: Tensor | None, ids: Tensor | None, lp: Tensor | None, lab: Tensor, o: _Opts,
                  work: Tensor) -> Tensor:
-    """Run the element-wise part over one chunk, `work.shape[1]` rows at a time; returns the summed stats row."""
+    """Run the element-wise part over one chunk, `work.shape[1]` rows at a time; returns the summed stats row.
+
+    token_major: s, t are [c, V] and the slabs work in place on their rows. vocab_major: s, t are [V, c]; each slab's
+    token columns are copied into the last two work rows (contiguous [r, V]), processed there, and the gradient is
+    written back into s's columns.
+    """
     stats = torch.zeros(len(_STATS), dtype=torch.float64, device=s.device)
     slab = work.shape[1]
-    for r0 in range(0, s.shape[0], slab):
-        r1 = min(r0 + slab, s.shape[0])
+    vocab_major = o.layout == "vocab_major"
+    n = s.shape[1] if vocab_major else s.shape[0]
+    staging = work[8].view(-1) if vocab_major else None  # scratch for the transposing copies
+    for r0 in range(0, n, slab):
+        r1 = min(r0 + slab, n)
         w = work[:, :r1 - r0]
+        if vocab_major:  # two steps: [V, c] columns -> [V, r] block (streaming) -> [r, V] rows (in cache); on CPU
+            # 2x faster than one strided gather
+            block = staging[:s.shape[0] * (r1 - r0)].view(s.shape[0], r1 - r0)
+            s_r = w[6].copy_(block.copy_(s[:, r0:r1]).T)
+            t_r = w[7].copy_(block.copy_(t[:, r0:r1]).T) if t is not None else None
+        else:
+            s_r = s[r0:r1]
+            t_r = t[r0:r1] if t is not None else None
         if o.alpha == 0:
-            stats += _ce_only_slab(s[r0:r1], lab[r0:r1], w)
+            stats += _ce_only_slab(s_r, lab[r0:r1], w)
         elif o.impl == "topk":
-            stats += _topk_slab(s[r0:r1], t[r0:r1] if t is not None else None, ids[r0:r1] if ids is not None else None,
+            stats += _topk_slab(s_r, t_r, ids[r0:r1] if ids is not None else None,
                                 lp[r0:r1] if lp is not None else None, lab[r0:r1], o, w)
         else:
-            stats += _dense_slab(s[r0:r1], t[r0:r1], lab[r0:r1], o, w)
+            stats += _dense_slab(s_r, t_r, lab[r0:r1], o, w)
+        if vocab_major:
+            s[:, r0:r1].T.copy_(s_r)
     return stats
 
 

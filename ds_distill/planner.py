@@ -26,8 +26,8 @@ Transient, at the largest of three moments
                        gathered until backward frees it;
                        activations saved for backward (below) for micro_batch_size x max_length tokens;
                        the teacher's final hidden states and its gathered lm_head (V x H_teacher);
-                       the fused loss: two [chunk_size, V] fp32 logit buffers (+ one in e when e != 4), ~6 fp32
-                       [slab, V] temporaries (slab = 8 rows on CPU, 128 on GPU), the fp32 lm_head gradient
+                       the fused loss: two [chunk_size, V] fp32 logit buffers (+ one in e when e != 4), 9 fp32
+                       [slab, V] temporaries on CPU (slab = 8 rows), 6 on GPU (128 rows), the fp32 lm_head gradient
                        accumulator (V x H, full fine-tuning only) and the hidden-state gradient ([tokens, H]), all
                        from losses._FusedLinearDistill;
                        one layer's activation gradients in backward.
@@ -53,7 +53,6 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 GiB = 2 ** 30
-SLAB_TEMPS = 6  # [slab, V] fp32 temporaries alive at once in a loss slab (q, p, q at T=1, gradient, scratch)
 DS_REDUCE_BUCKET = int(5e8)  # DeepSpeed defaults
 DS_REUSE_DISTANCE = int(1e9)
 DS_SUB_GROUP = int(1e9)
@@ -254,11 +253,11 @@ def estimate(cfg, *, world_size: int, device: str = "gpu", student: Optional[Arc
     c = min(c_size, tok)
     ph.append(Item("student final hidden + loss row copies + hidden grads", tok * s.hidden * e * 5))
     chunk = c * V * 4 * (2 if t is not None else 1) + (c * V * e if e != 4 else 0)
-    from ds_distill.losses import slab_rows
+    from ds_distill.losses import slab_rows, slab_temps
 
-    slab = min(slab_rows(device, V), c)
-    ph.append(Item("loss chunk buffers", chunk + SLAB_TEMPS * slab * V * 4,
-                   note=f"{'2' if t is not None else '1'} x {c} x {V} fp32 + {SLAB_TEMPS} x {slab} x V"))
+    slab, temps = min(slab_rows(device, V), c), slab_temps(device)
+    ph.append(Item("loss chunk buffers", chunk + temps * slab * V * 4,
+                   note=f"{'2' if t is not None else '1'} x {c} x {V} fp32 + {temps} x {slab} x V"))
     if lora.rank == 0:
         ph.append(Item("lm_head gradient accumulator (fp32)", s.vocab_rows * s.hidden * 4
                        + (s.vocab_rows * s.hidden * (4 + e) if e != 4 else 0)))

@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ds_distill.losses import DIVERGENCES, divergence_from_logprobs, distill_loss, token_divergence
+from ds_distill.losses import DIVERGENCES, chunk_layout, divergence_from_logprobs, distill_loss, token_divergence
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
@@ -15,6 +15,26 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(autouse=True, params=["vocab_major", "token_major"])
+def layout(request, monkeypatch):
+    """Every test runs with both chunk layouts (CPU's "auto" is vocab_major; accelerators use token_major)."""
+    import ds_distill.losses as losses_mod
+
+    real = losses_mod.chunk_layout
+    monkeypatch.setattr(losses_mod, "chunk_layout",
+                        lambda device_type, layout="auto": real(device_type, request.param if layout == "auto"
+                                                                else layout))
+    return request.param
+
+
+def test_chunk_layout_choice():
+    real = chunk_layout  # imported before the fixture patches the module attribute
+    assert real("cpu") == "vocab_major" and real("cuda") == "token_major"
+    assert real("cuda", "vocab_major") == "vocab_major"
+    with pytest.raises(ValueError, match="layout="):
+        real("cpu", "rows")
 
 
 V = 50  # real vocabulary
