@@ -3,6 +3,7 @@ process.
 
     python benchmarks/kd_loss.py                       # the default plan (about 20 min on the 2-core CPU box)
     python benchmarks/kd_loss.py --n 1024 --methods chunked matmul chunked@256   # method@chunk_size overrides
+    python benchmarks/kd_loss.py --n 4096 --methods matmul@128 chunked@128 --layout vocab_major   # loss.layout
 
 Setup: V = 151,936, student hidden 1024, teacher hidden 2560, N tokens (all trained), fp32 on CPU (bf16 matmuls are
 emulated there), torch.set_num_threads(2), alpha = 0.5, T = 1, forward KL unless the method says otherwise.
@@ -22,8 +23,8 @@ Methods:
   chunked_jsd ds_distill impl=chunked, generalised JSD beta = 0.5 (the same loss as Liger's below)
   liger       liger_kernel LigerFusedLinearJSDLoss (beta 0.5, torch.compile; one warm-up call compiles it first)
   matmul      the loss's own GEMMs alone, chunked like `chunked`: teacher + student logits, grad hidden, grad weight
-              (in the chunk layout distill_loss uses on the device, losses.chunk_layout: on CPU [V, c] = W @ h^T,
-              the faster one there, so the ratio to it is the element-wise part's cost, not a layout difference)
+              (in the chunk layout the loss uses, --layout / losses.chunk_layout, so the ratio to it is the
+              element-wise part's cost, not a layout difference)
   matmul2     the two lm_head GEMMs alone (teacher + student logits), chunked like `chunked`
 
 GPU (--device cuda): bf16 inputs and lm_heads (fp32 softmax statistics inside the losses), one untimed warm-up
@@ -44,9 +45,9 @@ V, HS, HT = 151936, 1024, 2560
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_PLAN = {  # N -> methods; about 20 minutes on the 2-core CPU box
     1024: ["matmul", "naive", "seed_topk", "full", "chunked", "topk", "chunked_jsd", "liger"],
-    4096: ["matmul", "matmul@128", "naive", "seed_topk", "chunked", "chunked@128", "topk", "topk@128", "topk_cache",
+    4096: ["matmul", "matmul@96", "naive", "seed_topk", "chunked", "chunked@96", "topk", "topk@96", "topk_cache",
            "liger"],
-    8192: ["matmul@128", "chunked@128"],
+    8192: ["matmul@96", "chunked@96"],
 }
 NAIVE_LIKE = ("naive", "seed_topk", "full")
 
@@ -97,13 +98,14 @@ def _seed_losses():
     return DistillationLoss(), DistillationLossWithTopK()
 
 
-def worker(method: str, n: int, chunk_size: int, top_k: int, device: str = "cpu") -> dict:
+def worker(method: str, n: int, chunk_size: int, top_k: int, device: str = "cpu", layout: str = "auto") -> dict:
     import torch
 
     sys.path.insert(0, ROOT)
     from ds_distill.losses import chunk_layout, distill_loss
 
-    vocab_major = chunk_layout("cuda" if device != "cpu" else "cpu") == "vocab_major"
+    layout = chunk_layout("cuda" if device != "cpu" else "cpu", layout)
+    vocab_major = layout == "vocab_major"
 
     gpu = device != "cpu"
     dt_in = torch.bfloat16 if gpu else torch.float32  # GPU: bf16 inputs and matmuls, fp32 softmax statistics
@@ -115,7 +117,7 @@ def worker(method: str, n: int, chunk_size: int, top_k: int, device: str = "cpu"
     ht = torch.randn(n, HT, device=device, dtype=dt_in)
     wt = (torch.randn(V, HT, device=device) * 0.05).to(dt_in)
     labels = torch.randint(0, V, (n,), device=device)
-    kw = dict(vocab_size=V, alpha=0.5, temperature=1.0, chunk_size=chunk_size, top_k=top_k)
+    kw = dict(vocab_size=V, alpha=0.5, temperature=1.0, chunk_size=chunk_size, top_k=top_k, layout=layout)
     extra = {}
 
     if method == "topk_cache":  # what launch/cache_teacher.py would have stored: ids + log-probs at T = 1
@@ -201,8 +203,8 @@ def worker(method: str, n: int, chunk_size: int, top_k: int, device: str = "cpu"
         ru1 = resource.getrusage(resource.RUSAGE_SELF)
         cpu = ru1.ru_utime + ru1.ru_stime - ru0.ru_utime - ru0.ru_stime  # the host's share (launches, Python)
         peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-        res = dict(method=method, n=n, chunk_size=chunk_size, seconds=round(dt, 4), cpu_seconds=round(cpu, 4),
-                   peak_mb=round(peak), loss=float(loss.detach().float()), inputs_mb=round(base / 2**20),
+        res = dict(method=method, n=n, chunk_size=chunk_size, layout=layout, seconds=round(dt, 4),
+                   cpu_seconds=round(cpu, 4), peak_mb=round(peak), loss=float(loss.detach().float()), inputs_mb=round(base / 2**20),
                    device=torch.cuda.get_device_name())
         return res
     rss0 = _status_mb("VmRSS")
@@ -215,8 +217,8 @@ def worker(method: str, n: int, chunk_size: int, top_k: int, device: str = "cpu"
     ru1 = resource.getrusage(resource.RUSAGE_SELF)
     cpu = ru1.ru_utime + ru1.ru_stime - ru0.ru_utime - ru0.ru_stime  # all threads: less sensitive to a busy box
     peak = _status_mb("VmHWM") - rss0
-    res = dict(method=method, n=n, chunk_size=chunk_size, seconds=round(dt, 2), cpu_seconds=round(cpu, 2),
-               peak_mb=round(peak), loss=float(loss.detach()), inputs_mb=round(rss0))
+    res = dict(method=method, n=n, chunk_size=chunk_size, layout=layout, seconds=round(dt, 2),
+               cpu_seconds=round(cpu, 2), peak_mb=round(peak), loss=float(loss.detach()), inputs_mb=round(rss0))
     if "warmup_s" in extra:
         res["warmup_s"] = round(extra["warmup_s"], 1)
     return res
@@ -252,7 +254,7 @@ def run_one(spec: str, n: int, args) -> dict:
     if not ok:
         return dict(method=spec, n=n, skipped=why)
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", method, "--n", str(n),
-           "--chunk-size", chunk or str(args.chunk_size), "--top-k", str(args.top_k), "--device", args.device]
+           "--chunk-size", chunk or str(args.chunk_size), "--top-k", str(args.top_k), "--device", args.device, "--layout", args.layout]
     load = os.getloadavg()[0]
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
@@ -309,10 +311,13 @@ def main() -> None:
     ap.add_argument("--json", help="append every result as a JSON line to this file")
     ap.add_argument("--device", default="cpu", help="cpu (fp32) or cuda (bf16 inputs; CUDA events timing, "
                     "torch.cuda peak memory above the inputs; one warm-up step per method)")
+    ap.add_argument("--layout", default="auto", choices=["auto", "token_major", "vocab_major"],
+                    help="chunk logits layout of ds_distill's chunked/topk losses and of the matmul rows "
+                         "(losses.chunk_layout); auto = the device's default")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.worker, args.n[0], args.chunk_size, args.top_k, args.device)))
+        print(json.dumps(worker(args.worker, args.n[0], args.chunk_size, args.top_k, args.device, args.layout)))
         return
     plan = {n: (args.methods or DEFAULT_PLAN.get(n, DEFAULT_PLAN[4096])) for n in (args.n or DEFAULT_PLAN)}
     results = []
