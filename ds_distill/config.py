@@ -99,6 +99,12 @@ class LossConfig:
     loss.chunk_size x V at once. topk: the teacher's top loss.top_k tokens per position (+ tail mass)."""
     chunk_size: int = 1024
     """Tokens per chunk for the chunked and topk losses; memory ~ chunk_size x V x 4 bytes x a few buffers."""
+    layout: Literal["auto", "token_major", "vocab_major"] = "auto"
+    """Memory layout of a chunk's logits in the chunked and topk losses; it changes speed and memory, never the
+    result beyond fp32 rounding. auto = token_major ([chunk, V] = hidden @ lm_head^T) on every device. vocab_major
+    ([V, chunk] = lm_head @ hidden^T, CPU only useful) runs the logits GEMMs faster on some CPUs and avoids MKL's
+    chunk-sized GEMM buffer at chunk_size <= 128, at the price of transposing copies in the element-wise part:
+    measure with benchmarks/kd_loss.py --layout (docs/BENCHMARKS.md)."""
     top_k: int = 64
     """Teacher tokens kept per position by loss.impl = topk."""
     beta: float = 0.5

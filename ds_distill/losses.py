@@ -100,17 +100,19 @@ def chunk_layout(device_type: str, layout: str = "auto") -> str:
     """The memory layout of a chunk's [c, V] logits: "token_major" ([c, V], rows are tokens) or "vocab_major"
     ([V, c], the logits GEMM written as lm_head @ hidden^T).
 
-    "auto" picks vocab_major on CPU: there the [V, H] x [H, c] GEMM runs 1.1x (c = 1024) to 1.4x (c = 128) faster
-    than [c, H] x [H, V] (the BLAS streams the 151,936-row weight once per chunk either way, but packs it far more
-    cheaply as the left operand), which is what lets small chunks, hence small memory, keep the GEMM rate. The
-    element-wise part then copies each slab of token columns into contiguous rows and writes the gradient back.
-    On accelerators "auto" is token_major (no copies; cuBLAS is indifferent to the operand order).
+    "auto" is token_major on every device: no copies, the element-wise slabs work in place on the logits' rows.
+    vocab_major (loss.layout) is a CPU option: there the [V, H] x [H, c] GEMM can run faster than [c, H] x [H, V]
+    and, at c <= 128, MKL does not keep a chunk-sized buffer for it, but every slab's token columns must be copied
+    into contiguous rows and the gradient written back. Which wins depends on the CPU and the model's hidden size:
+    on the 2026-11-24 machine vocab_major was the faster loss at small chunks; on the 2026-12-03 machine
+    token_major was faster at every size measured (5% at hidden 1024/2560, chunk 128; 27% at the trainer
+    benchmark's hidden 256/512), so auto stays with the simpler layout (docs/BENCHMARKS.md, "KD loss").
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout={layout!r}: expected one of {LAYOUTS}")
     if layout != "auto":
         return layout
-    return "vocab_major" if device_type == "cpu" else "token_major"
+    return "token_major"
 
 
 def slab_temps(device_type: str, layout: str = "auto") -> int:

@@ -26,10 +26,10 @@ Transient, at the largest of three moments
                        gathered until backward frees it;
                        activations saved for backward (below) for micro_batch_size x max_length tokens;
                        the teacher's final hidden states and its gathered lm_head (V x H_teacher);
-                       the fused loss: two [chunk_size, V] fp32 logit buffers (+ one in e when e != 4), 9 fp32
-                       [slab, V] temporaries on CPU (slab = 8 rows), 6 on GPU (128 rows), the fp32 lm_head gradient
-                       accumulator (V x H, full fine-tuning only) and the hidden-state gradient ([tokens, H]), all
-                       from losses._FusedLinearDistill;
+                       the fused loss: two [chunk_size, V] fp32 logit buffers (+ one in e when e != 4), 6 fp32
+                       [slab, V] temporaries (9 with loss.layout vocab_major; slab = 8 rows on CPU, 128 on GPU),
+                       the fp32 lm_head gradient accumulator (V x H, full fine-tuning only) and the hidden-state
+                       gradient ([tokens, H]), all from losses._FusedLinearDistill;
                        one layer's activation gradients in backward.
   teacher forward      gathered layer + prefetch bucket, one layer's inference activations.
   optimizer init       (ZeRO-3) a zero-filled fp32 buffer of the largest sub-group (min(Nt, 1e9) elements).
@@ -255,7 +255,7 @@ def estimate(cfg, *, world_size: int, device: str = "gpu", student: Optional[Arc
     chunk = c * V * 4 * (2 if t is not None else 1) + (c * V * e if e != 4 else 0)
     from ds_distill.losses import slab_rows, slab_temps
 
-    slab, temps = min(slab_rows(device, V), c), slab_temps(device)
+    slab, temps = min(slab_rows(device, V), c), slab_temps(device, cfg.loss.layout)
     ph.append(Item("loss chunk buffers", chunk + temps * slab * V * 4,
                    note=f"{'2' if t is not None else '1'} x {c} x {V} fp32 + {temps} x {slab} x V"))
     if lora.rank == 0:

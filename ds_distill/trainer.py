@@ -216,7 +216,8 @@ def build(cfg: DistillConfig) -> Run:
 
     L = cfg.loss
     loss_kwargs = dict(vocab_size=vocab_size, alpha=L.alpha, temperature=L.temperature, divergence=L.divergence,
-                       beta=L.beta, skew_lambda=L.skew_lambda, impl=L.impl, chunk_size=L.chunk_size, top_k=L.top_k)
+                       beta=L.beta, skew_lambda=L.skew_lambda, impl=L.impl, chunk_size=L.chunk_size, top_k=L.top_k,
+                       layout=L.layout)
 
     # --- resume
     ckpt_root = os.path.join(cfg.output_dir, "checkpoints")

@@ -37,6 +37,7 @@ def test_yaml_and_dotted_overrides(base_yaml):
     (["--loss.nonsense", "1"], "loss.nonsense"),
     (["--train.max_steps", "ten"], "train.max_steps"),
     (["--loss.impl", "vocab_slices"], "loss.impl"),
+    (["--loss.layout", "rows"], "loss.layout"),
 ])
 def test_parse_errors_name_the_key(base_yaml, argv_extra, key):
     with pytest.raises(ConfigError) as e:

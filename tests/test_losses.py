@@ -19,7 +19,7 @@ def _one_thread():
 
 @pytest.fixture(autouse=True, params=["vocab_major", "token_major"])
 def layout(request, monkeypatch):
-    """Every test runs with both chunk layouts (CPU's "auto" is vocab_major; accelerators use token_major)."""
+    """Every test runs with both chunk layouts ("auto" is token_major; vocab_major is the loss.layout option)."""
     import ds_distill.losses as losses_mod
 
     real = losses_mod.chunk_layout
@@ -31,8 +31,8 @@ def layout(request, monkeypatch):
 
 def test_chunk_layout_choice():
     real = chunk_layout  # imported before the fixture patches the module attribute
-    assert real("cpu") == "vocab_major" and real("cuda") == "token_major"
-    assert real("cuda", "vocab_major") == "vocab_major"
+    assert real("cpu") == "token_major" and real("cuda") == "token_major"
+    assert real("cpu", "vocab_major") == "vocab_major" and real("cuda", "vocab_major") == "vocab_major"
     with pytest.raises(ValueError, match="layout="):
         real("cpu", "rows")
 

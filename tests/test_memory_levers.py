@@ -2,14 +2,16 @@
 
 The launch (this file run as a script under `deepspeed`) builds, one after another in the same two processes, the
 tiny distillation run with:  ZeRO-3 (reference) | ZeRO-3 + student.activation_checkpointing + teacher.offload_params
-| ZeRO-0 | ZeRO-1 | ZeRO-2 | ZeRO-2 + train.offload_optimizer | ZeRO-3 + train.offload_optimizer, through the real
-`trainer.build(cfg)`, and runs 3 optimizer steps of 2 micro-batches each on the same data. Checked:
++ loss.layout vocab_major | ZeRO-0 | ZeRO-1 | ZeRO-2 | ZeRO-2 + train.offload_optimizer | ZeRO-3 +
+train.offload_optimizer, through the real `trainer.build(cfg)`, and runs 3 optimizer steps of 2 micro-batches each on
+the same data. Checked:
 
-- the levers really are on: the engines report the requested ZeRO stage and offload settings, and with activation
-  checkpointing each student decoder layer's attention runs forward twice per micro-batch (forward + recompute in backward);
+- the levers really are on: the engines report the requested ZeRO stage and offload settings, the loss gets the
+  requested chunk layout, and with activation checkpointing each student decoder layer's attention runs forward
+  twice per micro-batch (forward + recompute in backward);
 - teacher parameter offload: the teacher's final hidden states on the first micro-batch are bit-identical;
-- activation checkpointing: the same losses and grad norms at every step (1e-6 relative), the same full gradients
-  at step 1 and the same final weights (1e-6 absolute);
+- activation checkpointing (+ the vocab-major loss layout): the same losses and grad norms at every step (1e-6
+  relative), the same full gradients at step 1 and the same final weights (1e-6 absolute);
 - ZeRO stages 0-3 and optimizer offload: step-1 loss and gradient norm equal the ZeRO-3 reference (same weights:
   only reduction order differs) and later steps and the final weights stay within float32 reduction noise.
 """
@@ -22,7 +24,8 @@ import pytest
 
 VARIANTS = {  # name -> dotted config overrides
     "z3": {},
-    "z3_ac_toff": {"student.activation_checkpointing": True, "teacher.offload_params": True},
+    "z3_ac_toff": {"student.activation_checkpointing": True, "teacher.offload_params": True,
+                   "loss.layout": "vocab_major"},
     "z0": {"train.zero_stage": 0},
     "z1": {"train.zero_stage": 1},
     "z2": {"train.zero_stage": 2},
@@ -48,7 +51,7 @@ def _drive(config_path: str) -> None:
     for name, over in VARIANTS.items():
         argv = ["--config", config_path]
         for k, v in over.items():
-            argv += [f"--{k}", json.dumps(v)]
+            argv += [f"--{k}", v if isinstance(v, str) else json.dumps(v)]
         cfg = parse_config(argv)
         root = root or cfg.output_dir
         cfg = dataclasses.replace(cfg, output_dir=os.path.join(root, name))
@@ -62,7 +65,7 @@ def _drive(config_path: str) -> None:
         handle = layer0.register_forward_hook(lambda *a: calls.__setitem__(0, calls[0] + 1))
         rec = {"stage": eng.zero_optimization_stage(), "offload_optimizer": bool(eng.zero_cpu_offload()),
                "teacher_offload_param": str(getattr(teacher.zero_offload_param(), "device", "none")).endswith("cpu"),
-               "steps": []}
+               "loss_layout": run.loss_kwargs["layout"], "steps": []}
         out = cfg.output_dir
         grads = {}
 
@@ -146,6 +149,7 @@ def check_results(out, student_path) -> None:
         assert rec[n]["stage"] == over.get("train.zero_stage", 3), n
         assert rec[n]["offload_optimizer"] == over.get("train.offload_optimizer", False), n
         assert rec[n]["teacher_offload_param"] == over.get("teacher.offload_params", False), n
+        assert rec[n]["loss_layout"] == over.get("loss.layout", "auto"), n
     assert ref["layer0_forwards_step1"] == 2  # 2 micro-batches, no recompute
     assert rec["z3_ac_toff"]["layer0_forwards_step1"] == 4  # forward + recompute in backward
 
