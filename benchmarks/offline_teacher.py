@@ -1,13 +1,15 @@
 """Training throughput with the teacher online vs from the offline top-k cache, side by side in one process.
 
     python benchmarks/offline_teacher.py [--out /tmp/offline_teacher_bench] [--steps 10] [--seq 256] [--threads 1]
+                                         [--zero_stage 3] [--teacher_cost 4.0 | --teacher_intermediate 1792]
 
 What it does, all at world size 1 on whatever device DeepSpeed picks (CPU here: fp32):
-1. builds a tokenizer (byte-level BPE, 1000 tokens) and two Qwen3 models from configs, a teacher whose forward costs
-   about 4x the student's (hidden 2x, same depth, MLP 3.5x the hidden size against the student's 3x: the measured
-   CPU-time ratio of a teacher forward to a student forward, printed, is ~4.0x; with the MLP at 3x, 1536, the
-   teacher has 4x the student's layer FLOPs but measures only ~3.6x), and text data whose samples all fill --seq
-   tokens;
+1. builds a tokenizer (byte-level BPE, 1000 tokens) and two Qwen3 models from configs, and text data whose samples
+   all fill --seq tokens. The teacher has 2x the student's hidden size and the same depth; its MLP width is
+   calibrated on the machine (`calibrate_teacher`) so that the measured CPU-time ratio of a teacher forward to a
+   student forward reaches --teacher_cost (default 4.0, the issue's "about 4x"): FLOPs do not fix it (a teacher
+   with 4x the student's layer FLOPs measures 3.5-3.6x, and one shape measured 4.0x on one machine, 3.5x on
+   another). --teacher_intermediate fixes the width instead;
 2. writes the teacher cache (k = 64, fp16) with launch/cache_teacher.py's `write_cache`, timed;
 3. builds two runs with trainer.build from one config: online (teacher.path, loss.impl topk, k = 64) and cached
    (teacher.cache, same loss), and alternates optimizer steps between them (online, cached, online, ...) so both see
@@ -18,7 +20,9 @@ Prints a table and writes <out>/results.json. Record results in docs/BENCHMARKS.
 """
 import argparse
 import json
+import math
 import os
+import shutil
 import statistics
 import sys
 import time
@@ -27,15 +31,16 @@ from pathlib import Path
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 STUDENT = dict(hidden=256, layers=4, heads=4, kv_heads=2, intermediate=768)
-TEACHER = dict(hidden=512, layers=4, heads=8, kv_heads=4, intermediate=1792)  # forward measures ~4x the student's
+TEACHER = dict(hidden=512, layers=4, heads=8, kv_heads=4, intermediate=1792)  # MLP width: calibrated unless given
 
 
-def build_assets(out: Path, seq: int, n_samples: int) -> dict:
+def build_assets(out: Path, seq: int, n_samples: int, teacher_cost: float | None) -> dict:
+    """Tokenizer, student, data and teacher. With `teacher_cost` the teacher's MLP width is calibrated on this
+    machine (see `calibrate_teacher`); otherwise TEACHER is used as it is."""
     from ds_distill.tiny import build_model, build_tokenizer, stdlib_files
 
     tok = build_tokenizer(out / "tokenizer", vocab_size=1000, files=stdlib_files(limit=60))
     rows = (len(tok) + 63) // 64 * 64
-    build_model(out / "teacher", tok, vocab_rows=rows, tie=False, seed=1, **TEACHER)
     build_model(out / "student", tok, vocab_rows=rows, tie=True, seed=2, **STUDENT)
     # text samples long enough to fill `seq` tokens (about 3 characters per token): every micro-batch is full
     texts, buf = [], ""
@@ -49,11 +54,41 @@ def build_assets(out: Path, seq: int, n_samples: int) -> dict:
     with open(out / "train.jsonl", "w") as f:
         for t in texts[:n_samples]:
             f.write(json.dumps({"text": t}) + "\n")
-    return {"tokenizer": str(out / "tokenizer"), "teacher": str(out / "teacher"), "student": str(out / "student"),
-            "train": str(out / "train.jsonl")}
+    assets = {"tokenizer": str(out / "tokenizer"), "teacher": str(out / "teacher"), "student": str(out / "student"),
+              "train": str(out / "train.jsonl")}
+
+    def build_teacher():
+        build_model(out / "teacher", tok, vocab_rows=rows, tie=False, seed=1, **TEACHER)
+
+    if teacher_cost is None:
+        build_teacher()
+        assets["ratio"], assets["calibration"] = forward_cost_ratio(assets, seq), []
+    else:
+        assets["ratio"], assets["calibration"] = calibrate_teacher(assets, seq, teacher_cost, build_teacher)
+    return assets
 
 
-def forward_cost_ratio(assets: dict, seq: int, reps: int = 5) -> float:
+def calibrate_teacher(assets: dict, seq: int, target: float, build_teacher) -> tuple[float, list]:
+    """Widen the teacher's MLP (TEACHER["intermediate"], in steps of 256 from 1536 = 3x its hidden size) until its
+    forward's measured CPU time reaches `target` x the student's, and keep the width whose ratio is closest to the
+    target (in log terms). The issue defines the teacher by its cost, not its shape; the same shape measured 4.0-4.1x
+    on one machine and 3.5x on another. Returns (ratio, [(width, ratio), ...] tried) and leaves that teacher built."""
+    tried = []
+    for width in range(1536, 4096 + 1, 256):
+        TEACHER["intermediate"] = width
+        build_teacher()
+        tried.append((width, forward_cost_ratio(assets, seq)))
+        print(f"teacher MLP {width}: forward {tried[-1][1]:.2f}x the student's", flush=True)
+        if tried[-1][1] >= target:
+            break
+    width, ratio = min(tried, key=lambda wr: abs(math.log(wr[1] / target)))
+    if width != tried[-1][0]:
+        TEACHER["intermediate"] = width
+        build_teacher()
+    return ratio, tried
+
+
+def forward_cost_ratio(assets: dict, seq: int, reps: int = 11) -> float:
     """CPU seconds of a teacher forward / a student forward on the same [4, seq] batch (plain HF, no DeepSpeed),
     alternating the two models `reps` times and taking each one's median."""
     import torch
@@ -85,9 +120,11 @@ def main(argv=None):
     ap.add_argument("--zero_stage", type=int, default=3, choices=[0, 1, 2, 3], help="the student's ZeRO stage")
     ap.add_argument("--teacher_layers", type=int, default=TEACHER["layers"],
                     help="teacher depth (4: ~4x the student's forward FLOPs; 8: ~8x)")
-    ap.add_argument("--teacher_intermediate", type=int, default=TEACHER["intermediate"],
-                    help="teacher MLP width (1792, the default: its forward measures ~4.0x the student's on a "
-                         "1-thread CPU, the issue's 'about 4x'; 1536, used before 2026-11-24: ~3.6x)")
+    ap.add_argument("--teacher_intermediate", type=int, default=None,
+                    help="teacher MLP width; default: calibrated on this machine to --teacher_cost")
+    ap.add_argument("--teacher_cost", type=float, default=4.0,
+                    help="target CPU-time ratio of a teacher forward to a student forward (the issue's 'about 4x'); "
+                         "the teacher's MLP is widened until it is met (ignored with --teacher_intermediate)")
     args = ap.parse_args(argv)
 
     import torch
@@ -98,13 +135,14 @@ def main(argv=None):
     from ds_distill.config import parse_config
 
     TEACHER["layers"] = args.teacher_layers
-    TEACHER["intermediate"] = args.teacher_intermediate
+    if args.teacher_intermediate:
+        TEACHER["intermediate"] = args.teacher_intermediate
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     total_steps = args.steps + args.warmup
     n_samples = total_steps * args.micro_batch_size * args.grad_accum_steps
-    assets = build_assets(out, args.seq, n_samples)
-    ratio = forward_cost_ratio(assets, args.seq)
+    assets = build_assets(out, args.seq, n_samples, None if args.teacher_intermediate else args.teacher_cost)
+    ratio = assets["ratio"]
 
     def cfg(name: str, teacher: dict):
         d = {"teacher": teacher, "student": {"path": assets["student"]}, "tokenizer_path": assets["tokenizer"],
@@ -120,6 +158,8 @@ def main(argv=None):
     online_cfg = cfg("online", {"path": assets["teacher"], "ds_config": str(Path(__file__).resolve().parents[1]
                                                                             / "ds_configs" / "teacher_zero3.json")})
     cache_dir = out / "cache"
+    shutil.rmtree(cache_dir, ignore_errors=True)  # always a fresh write: its time is measured (and the teacher may
+    # differ from the last run's, which write_cache would rightly refuse)
     t0 = time.perf_counter()
     manifest = teacher_cache.write_cache(online_cfg, str(cache_dir), top_k=args.top_k, dtype="fp16")
     cache_s = time.perf_counter() - t0
@@ -146,6 +186,7 @@ def main(argv=None):
            "grad_accum_steps": args.grad_accum_steps, "top_k": args.top_k, "threads": args.threads,
            "student_zero_stage": args.zero_stage,
            "device": str(engines.device()), "teacher_over_student_forward": ratio,
+           "teacher_calibration": assets["calibration"],
            "student": STUDENT, "teacher": TEACHER,
            "cache_write_s": manifest["seconds_last_run"], "cache_write_s_with_startup": cache_s, "cache_tokens": manifest["num_positions"] + manifest["num_samples"],
            "cache_bytes_per_token": manifest["bytes_per_token"], "cache_bytes_on_disk": manifest["bytes_on_disk"]}
