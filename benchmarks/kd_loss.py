@@ -104,7 +104,7 @@ def worker(method: str, n: int, chunk_size: int, top_k: int, device: str = "cpu"
     sys.path.insert(0, ROOT)
     from ds_distill.losses import chunk_layout, distill_loss
 
-    layout = chunk_layout("cuda" if device != "cpu" else "cpu", layout)
+    layout = chunk_layout(layout)
     vocab_major = layout == "vocab_major"
 
     gpu = device != "cpu"
@@ -168,7 +168,7 @@ def worker(method: str, n: int, chunk_size: int, top_k: int, device: str = "cpu"
             with torch.no_grad():
                 for c0 in range(0, n, chunk_size):
                     h_c = hs[c0:c0 + chunk_size]
-                    if vocab_major:  # the layout distill_loss uses on this device (losses.chunk_layout)
+                    if vocab_major:  # the layout distill_loss uses (losses.chunk_layout)
                         g = (ws @ h_c.T).T
                         t = wt @ ht[c0:c0 + chunk_size].T
                     else:
@@ -204,8 +204,8 @@ def worker(method: str, n: int, chunk_size: int, top_k: int, device: str = "cpu"
         cpu = ru1.ru_utime + ru1.ru_stime - ru0.ru_utime - ru0.ru_stime  # the host's share (launches, Python)
         peak = (torch.cuda.max_memory_allocated() - base) / 2**20
         res = dict(method=method, n=n, chunk_size=chunk_size, layout=layout, seconds=round(dt, 4),
-                   cpu_seconds=round(cpu, 4), peak_mb=round(peak), loss=float(loss.detach().float()), inputs_mb=round(base / 2**20),
-                   device=torch.cuda.get_device_name())
+                   cpu_seconds=round(cpu, 4), peak_mb=round(peak), loss=float(loss.detach().float()),
+                   inputs_mb=round(base / 2**20), device=torch.cuda.get_device_name())
         return res
     rss0 = _status_mb("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:  # reset VmHWM to the current RSS
@@ -254,7 +254,8 @@ def run_one(spec: str, n: int, args) -> dict:
     if not ok:
         return dict(method=spec, n=n, skipped=why)
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", method, "--n", str(n),
-           "--chunk-size", chunk or str(args.chunk_size), "--top-k", str(args.top_k), "--device", args.device, "--layout", args.layout]
+           "--chunk-size", chunk or str(args.chunk_size), "--top-k", str(args.top_k), "--device", args.device,
+           "--layout", args.layout]
     load = os.getloadavg()[0]
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
@@ -302,6 +303,9 @@ def report(results: list[dict]) -> str:
 
 
 def main() -> None:
+    sys.path.insert(0, ROOT)
+    from ds_distill.losses import LAYOUTS
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, nargs="*", help="token counts (default: the plan in DEFAULT_PLAN)")
     ap.add_argument("--methods", nargs="*", help="methods to run at every N (default: the plan)")
@@ -311,9 +315,9 @@ def main() -> None:
     ap.add_argument("--json", help="append every result as a JSON line to this file")
     ap.add_argument("--device", default="cpu", help="cpu (fp32) or cuda (bf16 inputs; CUDA events timing, "
                     "torch.cuda peak memory above the inputs; one warm-up step per method)")
-    ap.add_argument("--layout", default="auto", choices=["auto", "token_major", "vocab_major"],
+    ap.add_argument("--layout", default="auto", choices=LAYOUTS,
                     help="chunk logits layout of ds_distill's chunked/topk losses and of the matmul rows "
-                         "(losses.chunk_layout); auto = the device's default")
+                         "(loss.layout, losses.chunk_layout); auto = token_major")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:

@@ -96,7 +96,7 @@ _SLAB_ELEMS_GPU = 128 * 151936
 LAYOUTS = ("auto", "token_major", "vocab_major")
 
 
-def chunk_layout(device_type: str, layout: str = "auto") -> str:
+def chunk_layout(layout: str = "auto") -> str:
     """The memory layout of a chunk's [c, V] logits: "token_major" ([c, V], rows are tokens) or "vocab_major"
     ([V, c], the logits GEMM written as lm_head @ hidden^T).
 
@@ -115,10 +115,10 @@ def chunk_layout(device_type: str, layout: str = "auto") -> str:
     return "token_major"
 
 
-def slab_temps(device_type: str, layout: str = "auto") -> int:
+def slab_temps(layout: str = "auto") -> int:
     """[slab, V] fp32 temporaries the chunked passes allocate (the planner counts the same): six for the element-wise
     math, plus, in vocab_major, the slab's student and teacher rows and a staging block for the transposing copies."""
-    return 9 if chunk_layout(device_type, layout) == "vocab_major" else 6
+    return 9 if chunk_layout(layout) == "vocab_major" else 6
 
 
 def slab_rows(device_type: str, vocab_size: int) -> int:
@@ -289,7 +289,7 @@ def distill_loss(
                  beta=float(beta), skew_lambda=float(skew_lambda), chunk_size=int(chunk_size), top_k=int(top_k),
                  impl=impl, need_grad_hidden=grad_on and student_hidden.requires_grad,
                  need_grad_weight=grad_on and student_weight.requires_grad,
-                 layout=chunk_layout(student_hidden.device.type, layout))
+                 layout=chunk_layout(layout))
 
     # Drop untrained positions before any matmul (one host sync); also validates the labels.
     valid = labels != IGNORE_INDEX
@@ -398,7 +398,7 @@ class _FusedLinearDistill(torch.autograd.Function):
         vocab_major = o.layout == "vocab_major"
         # preallocated element-wise temporaries, reused by every slab (fresh [slab, V] allocations would page-fault
         # on every slab on CPU); vocab_major adds two for the slab's student and teacher rows
-        work = torch.empty(slab_temps(dev.type, o.layout), min(slab, max(n, 1)), V, dtype=torch.float32,
+        work = torch.empty(slab_temps(o.layout), min(slab, max(n, 1)), V, dtype=torch.float32,
                            device=dev)
         want_grad = o.need_grad_hidden or o.need_grad_weight
         has_t = o.alpha > 0 and t_hidden is not None

@@ -255,7 +255,7 @@ def estimate(cfg, *, world_size: int, device: str = "gpu", student: Optional[Arc
     chunk = c * V * 4 * (2 if t is not None else 1) + (c * V * e if e != 4 else 0)
     from ds_distill.losses import slab_rows, slab_temps
 
-    slab, temps = min(slab_rows(device, V), c), slab_temps(device, cfg.loss.layout)
+    slab, temps = min(slab_rows(device, V), c), slab_temps(cfg.loss.layout)
     ph.append(Item("loss chunk buffers", chunk + temps * slab * V * 4,
                    note=f"{'2' if t is not None else '1'} x {c} x {V} fp32 + {temps} x {slab} x V"))
     if lora.rank == 0:
