@@ -438,8 +438,8 @@ def run_eval(run: Run) -> Optional[dict]:
     """Held-out student (and teacher) metrics on data.eval_files, token-weighted over all ranks (collective).
 
     The student runs through its engine (`hidden_only`), so ZeRO-3 gathers its layers as in training; the heads
-    (lm_head, bias, the family's transform) are gathered per batch inside evaluate. The teacher's hidden states are cached after the first call
-    (eval.cache_teacher). Returns None without eval files.
+    (lm_head, bias, the family's transform) are gathered per batch inside evaluate. The teacher's hidden states are
+    cached after the first call (eval.cache_teacher). Returns None without eval files.
     """
     if run.eval_dataset is None:
         return None

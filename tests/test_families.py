@@ -138,7 +138,8 @@ def test_family_matrix_moe_cache_and_probe(tiny_assets, tmp_path):
     # the patched forward: exit 2 before any step, naming the model
     assert json.loads((tmp_path / "result.json").read_text())["patched_rc"] == 2
     err = proc.stderr + proc.stdout
-    assert f"student.path '{pairs['qwen3'][1]}' (model_type 'qwen3')" in err and "largest difference" in err, err[-3000:]
+    named = f"student.path '{pairs['qwen3'][1]}' (model_type 'qwen3')"
+    assert named in err and "largest difference" in err, err[-3000:]
     patched_metrics = tmp_path / "patched" / "metrics.jsonl"
     assert not patched_metrics.exists() or not [r for r in read_jsonl(patched_metrics) if "loss/total" in r
                                                  or "eval/student_nll" in r]
