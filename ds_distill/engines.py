@@ -7,6 +7,9 @@
   inference: no optimizer, eval, no grad) are the only `deepspeed.initialize` callers of the project.
 - `gathered` / `register_external_param` are the two ZeRO-3 hooks the fused loss needs to read an lm_head weight
   outside that lm_head's own forward.
+- `mark_moe_leaves` makes Mixture-of-Experts blocks ZeRO-3 leaf modules (ranks routing to different experts must
+  still run the same collectives); `forget_forward_trace` drops the module order a one-off forward (the trainer's
+  start-up probe) left in an engine's prefetcher.
 """
 from __future__ import annotations
 
