@@ -131,3 +131,26 @@ def test_family_table_matches_hf_forward():
         torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()), msg=family)
         if family in ("gemma2", "gemma3_text", "cohere", "granite"):  # the fixture makes the transform bite
             assert (plain - ref).abs().max() > 0.1 * ref.abs().max(), family
+
+
+def test_moe_aux_equals_hf_and_moe_blocks_become_zero3_leaves():
+    """MoeAux (what the student wrapper adds) equals the HF forward's aux_loss; MoE blocks are marked as ZeRO-3
+    leaves, dense models get none."""
+    from ds_distill import engines
+    from ds_distill.models import MoeAux
+    from tests.scripts.family_driver import build_model
+
+    moe = build_model("qwen3_moe", role="student").eval()
+    ids = torch.randint(0, 128, (2, 7))
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0  # padding is excluded by the mask, as in the HF forward
+    with torch.no_grad():
+        ref = moe(input_ids=ids, attention_mask=mask, output_router_logits=True).aux_loss
+        out = moe.get_decoder()(input_ids=ids, attention_mask=mask, output_router_logits=True)
+        ours = MoeAux.of(moe)(out.router_logits, mask)
+    torch.testing.assert_close(ours, ref)
+    assert MoeAux.of(moe).coef == 0.1 and MoeAux.of(build_model("qwen3", role="student")) is None
+    assert engines.mark_moe_leaves(moe) == ["Qwen3MoeSparseMoeBlock"]
+    assert all(getattr(m, "_z3_leaf", False) == (type(m).__name__ == "Qwen3MoeSparseMoeBlock")
+               for m in moe.modules())
+    assert engines.mark_moe_leaves(build_model("llama", role="student")) == []
