@@ -310,23 +310,15 @@ def probe_heads(run: Run, mb: dict) -> dict:
     for (role, path, model), (rel, absolute) in zip(named, worst.tolist()):
         out[role] = rel
         if not rel <= tol:  # also catches NaN
+            head = heads.of_model(model)
             raise ModelError(
                 f"{role}.path '{path}' (model_type '{_model_type(model)}'): the model's own forward gives other "
-                f"logits than the fused head (lm_head{', bias' if _has_bias(model) else ''}, transform "
-                f"{heads.transform_of(_base_config(model)).describe()}): largest difference {absolute:.4g} = "
+                f"logits than the fused head (lm_head{', bias' if head.bias is not None else ''}, transform "
+                f"{head.transform.describe()}): largest difference {absolute:.4g} = "
                 f"{rel:.3g} of the largest logit (tolerance {tol:g}) -> its forward does something ds_distill's "
                 "head table (ds_distill/heads.py FAMILIES) does not know (a trust_remote_code or patched model, a "
                 "new family): add its logit transform there (README: 'Model families'), or use a supported model")
     return out
-
-
-def _base_config(model):
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return base.config
-
-
-def _has_bias(model) -> bool:
-    return heads.of_model(model).bias is not None
 
 
 def _to_device(mb: dict, dev: torch.device) -> dict:
@@ -351,7 +343,7 @@ def train_step(run: Run, micro_batches: list[dict], before_step=None,
 
     sums = torch.zeros(len(SUM_KEYS), dtype=torch.float64, device=dev)
     # an MoE student's router aux loss is a per-forward mean (as in its HF forward): each micro-batch's gets weight
-    # 1 / (micro-batches x ranks) in the step's objective; x world again because DeepSpeed averages over ranks
+    # coef / (micro-batches x ranks) in the step's objective; DeepSpeed's average over ranks supplies the 1 / ranks
     aux_weight = eng.module.aux_coef / len(micro_batches)
     for mb in micro_batches:
         teacher_topk = None
