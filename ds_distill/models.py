@@ -156,7 +156,9 @@ class StudentWithLoss(nn.Module):
 
     @property
     def head(self) -> heads.Head:
-        return heads.of_model(self.model)
+        """The head the loss uses (its transform included), which is also what the start-up probe checks."""
+        lm_head = _lm_head(self.model)
+        return heads.Head(lm_head.weight, getattr(lm_head, "bias", None), self.transform)
 
     @property
     def aux_coef(self) -> float:

@@ -21,7 +21,7 @@ from typing import Optional
 
 import torch
 
-from . import checkpoint, data, engines, guards, heads, lora, models, teacher_cache, vocab
+from . import checkpoint, data, engines, guards, lora, models, teacher_cache, vocab
 from .config import DistillConfig, to_dict, validate
 from .errors import ConfigError, DistillError, ModelError, NonFiniteError
 from .tracking import Tracker
@@ -305,12 +305,11 @@ def probe_heads(run: Run, mb: dict) -> dict:
                 engines.forget_forward_trace(engine)
     worst = engines.all_reduce_max(torch.stack(diffs).double())  # [models, 2]
     tol = PROBE_TOLERANCE[engines.resolve_precision(cfg.train.precision)]
-    named = [("student", cfg.student.path, eng.module.model)] + (
-        [("teacher", cfg.teacher.path, teacher.module.model)] if teacher is not None else [])
-    for (role, path, model), (rel, absolute) in zip(named, worst.tolist()):
+    named = [("student", cfg.student.path, eng.module.model, eng.module.head)] + (
+        [("teacher", cfg.teacher.path, teacher.module.model, teacher.module.head)] if teacher is not None else [])
+    for (role, path, model, head), (rel, absolute) in zip(named, worst.tolist()):
         out[role] = rel
         if not rel <= tol:  # also catches NaN
-            head = heads.of_model(model)
             raise ModelError(
                 f"{role}.path '{path}' (model_type '{_model_type(model)}'): the model's own forward gives other "
                 f"logits than the fused head (lm_head{', bias' if head.bias is not None else ''}, transform "
