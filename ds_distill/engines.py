@@ -7,6 +7,9 @@
   inference: no optimizer, eval, no grad) are the only `deepspeed.initialize` callers of the project.
 - `gathered` / `register_external_param` are the two ZeRO-3 hooks the fused loss needs to read an lm_head weight
   outside that lm_head's own forward.
+- `mark_moe_leaves` makes Mixture-of-Experts blocks ZeRO-3 leaf modules (ranks routing to different experts must
+  still run the same collectives); `forget_forward_trace` drops the module order a one-off forward (the trainer's
+  start-up probe) left in an engine's prefetcher.
 """
 from __future__ import annotations
 
@@ -190,12 +193,33 @@ def lr_schedule(step: int, *, warmup_steps: int, max_steps: int, min_lr_ratio: f
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def mark_moe_leaves(model: torch.nn.Module) -> list[str]:
+    """ZeRO-3 leaf modules for Mixture-of-Experts blocks: a module holding both `experts` and a router (`gate` /
+    `router`) is gathered whole when it starts, instead of expert by expert. Without it, ranks whose tokens route
+    to different experts would fetch different parameters in different orders and their collectives would not
+    match (a hang). Returns the class names marked (empty for dense models)."""
+    from deepspeed.utils import set_z3_leaf_modules
+
+    classes = sorted({type(m) for m in model.modules()
+                      if hasattr(m, "experts") and (hasattr(m, "gate") or hasattr(m, "router"))},
+                     key=lambda c: c.__name__)
+    if classes:
+        set_z3_leaf_modules(model, classes)
+    return [c.__name__ for c in classes]
+
+
+def _zero3(ds_config: dict) -> bool:
+    return ds_config.get("zero_optimization", {}).get("stage", 0) == 3
+
+
 def build_student_engine(model: torch.nn.Module, ds_config: dict, *, warmup_steps: int, max_steps: int,
                          min_lr_ratio: float):
     """The trained student: returns the DeepSpeed engine (AdamW and the warmup + cosine schedule inside; the
     scheduler's state is saved in DeepSpeed checkpoints)."""
     import functools
 
+    if _zero3(ds_config):
+        mark_moe_leaves(model)
     params = [p for p in model.parameters() if p.requires_grad]
     fn = functools.partial(lr_schedule, warmup_steps=warmup_steps, max_steps=max_steps, min_lr_ratio=min_lr_ratio)
     engine, _, _, _ = deepspeed.initialize(
@@ -209,6 +233,8 @@ def build_teacher_engine(model: torch.nn.Module, ds_config: dict):
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
+    if _zero3(ds_config):
+        mark_moe_leaves(model)
     engine, _, _, _ = deepspeed.initialize(model=model, config=ds_config)
     engine.eval()
     return engine
@@ -224,6 +250,21 @@ def gathered(params: Iterable[torch.nn.Parameter]):
     if not params:
         return contextlib.nullcontext()
     return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+
+
+def forget_forward_trace(engine) -> None:
+    """Make a ZeRO-3 engine forget the module order it recorded (and release what it prefetched), after a forward
+    that ran other modules than the usual ones (trainer.probe_heads runs the model's whole HF forward, lm_head
+    included). Without it the engine keeps prefetching, after every later forward, parameters of that one-off
+    order (the teacher's lm_head, then still in flight when the loss gathers it). The next forward runs without
+    prefetching, the one after records the order again. A no-op below stage 3."""
+    offload = getattr(engine.optimizer, "parameter_offload", engine.optimizer)
+    if not engine.zero_optimization_partition_weights() or not hasattr(offload, "get_param_coordinator"):
+        return
+    coordinator = offload.get_param_coordinator()
+    if not coordinator.is_invalid_trace():
+        coordinator._invalidate_trace()  # DeepSpeed's own reaction to a forward that left its recorded order
+    coordinator.release_and_reset_all(engine.module)
 
 
 def register_external_param(module: torch.nn.Module, param: torch.nn.Parameter) -> None:
@@ -262,6 +303,12 @@ def full_grad(param: torch.nn.Parameter) -> Optional[torch.Tensor]:
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t
 
 

@@ -18,6 +18,8 @@ is the token-weighted mean over the whole eval set (never a mean of per-rank or 
 single-rank evaluation up to float summation order.
 
 Logits are never built for a whole batch: positions go through the lm_head `chunk_size` at a time ([chunk, V]).
+They are the models' own logits: each head (`heads.Head`) applies its bias and its family's transform (softcap,
+scale), so the numbers equal those of `model(input_ids).logits`.
 
 The teacher's side is computed once per run: `TeacherCache` keeps, per eval sample (keyed by its `sample_id`), the
 teacher's final hidden states at that sample's trained positions, on CPU, in the teacher's dtype (memory per rank:
@@ -36,6 +38,7 @@ from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 
+from .heads import Head
 from .losses import divergence_from_logprobs
 
 IGNORE_INDEX = -100
@@ -58,14 +61,15 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def token_stats(student_hidden: torch.Tensor, student_weight: torch.Tensor, targets: torch.Tensor, *,
-                teacher_hidden: Optional[torch.Tensor] = None, teacher_weight: Optional[torch.Tensor] = None,
+def token_stats(student_hidden: torch.Tensor, student_head: Head, targets: torch.Tensor, *,
+                teacher_hidden: Optional[torch.Tensor] = None, teacher_head: Optional[Head] = None,
                 vocab_size: Optional[int] = None, chunk_size: int = 1024) -> torch.Tensor:
     """Sums over N trained positions, in STAT_KEYS order, as float64 [5] (teacher entries 0 without a teacher).
 
-    student_hidden [N, Hs] (the hidden state that predicts each target), student_weight [Vs, Hs], targets [N];
-    teacher_hidden [N, Ht], teacher_weight [Vt, Ht]. Logits are made `chunk_size` positions at a time in the
-    weight's dtype and upcast to fp32; every softmax is over the first `vocab_size` ids (default: all rows).
+    student_hidden [N, Hs] (the hidden state that predicts each target), student_head (weight [Vs, Hs], bias,
+    transform), targets [N]; teacher_hidden [N, Ht], teacher_head likewise. Logits are made `chunk_size` positions
+    at a time in the weight's dtype and upcast to fp32; every softmax is over the first `vocab_size` ids (default:
+    all rows).
     """
     out = torch.zeros(len(STAT_KEYS), dtype=torch.float64, device=student_hidden.device)
     n = targets.shape[0]
@@ -73,13 +77,13 @@ def token_stats(student_hidden: torch.Tensor, student_weight: torch.Tensor, targ
     has_teacher = teacher_hidden is not None
     for i in range(0, n, chunk_size):
         y = targets[i:i + chunk_size].unsqueeze(1)  # [c, 1]
-        s_logits = student_hidden[i:i + chunk_size].to(student_weight.dtype) @ student_weight.t()  # [c, Vs]
-        s_lp = torch.log_softmax(s_logits[:, :vocab_size].float(), -1)  # [c, V]: padded rows dropped
+        s_logits = student_head.logits(student_hidden[i:i + chunk_size], vocab_size)  # [c, V]: padded rows dropped
+        s_lp = torch.log_softmax(s_logits.float(), -1)
         out[0] -= s_lp.gather(1, y).sum().double()
         if not has_teacher:
             continue
-        t_logits = teacher_hidden[i:i + chunk_size].to(teacher_weight.dtype) @ teacher_weight.t()  # [c, Vt]
-        t_lp = torch.log_softmax(t_logits[:, :vocab_size].float(), -1)
+        t_logits = teacher_head.logits(teacher_hidden[i:i + chunk_size], vocab_size)  # [c, V]
+        t_lp = torch.log_softmax(t_logits.float(), -1)
         if t_lp.shape[1] != s_lp.shape[1]:
             raise ValueError(f"teacher has {t_lp.shape[1]} output rows, student {s_lp.shape[1]} -> pass vocab_size")
         out[1] -= t_lp.gather(1, y).sum().double()
@@ -132,8 +136,8 @@ class TeacherCache:
 
 
 @torch.no_grad()
-def evaluate(batches: Iterable[dict], *, student_hidden_fn: HiddenFn, student_weight: torch.nn.Parameter,
-             teacher_hidden_fn: Optional[HiddenFn] = None, teacher_weight: Optional[torch.nn.Parameter] = None,
+def evaluate(batches: Iterable[dict], *, student_hidden_fn: HiddenFn, student_head: Head,
+             teacher_hidden_fn: Optional[HiddenFn] = None, teacher_head: Optional[Head] = None,
              teacher_cache: Optional[TeacherCache] = None, vocab_size: Optional[int] = None, chunk_size: int = 1024,
              device: torch.device | str = "cpu",
              gather: Callable[[list], contextlib.AbstractContextManager] = _no_gather,
@@ -141,7 +145,8 @@ def evaluate(batches: Iterable[dict], *, student_hidden_fn: HiddenFn, student_we
     """Evaluate over this rank's batches (from `data.eval_batches`), all-reduce the sums, return `finalize`'s dict.
 
     Every rank must pass the same number of batches (eval_batches guarantees it): under ZeRO-3 each forward and
-    each `gather` is a collective. `gather(params)` must make partitioned weights whole (engines.gathered).
+    each `gather` is a collective. `gather(params)` must make partitioned weights whole (engines.gathered); the heads'
+    tensors are read only inside it.
     """
     device = torch.device(device)
     has_teacher = teacher_hidden_fn is not None or (teacher_cache is not None and teacher_cache.ready)
@@ -162,10 +167,10 @@ def evaluate(batches: Iterable[dict], *, student_hidden_fn: HiddenFn, student_we
                 if teacher_cache is not None:
                     teacher_cache.put(mb["sample_ids"], counts, t_h)
         s_h = student_hidden_fn(ids, mask)[:, :-1][keep]  # [N, Hs]
-        weights = [student_weight] + ([teacher_weight] if has_teacher else [])
-        with gather(weights):  # collective under ZeRO-3: every rank, every batch, even with no tokens
-            sums += token_stats(s_h, student_weight, targets[keep], teacher_hidden=t_h,
-                                teacher_weight=teacher_weight if has_teacher else None, vocab_size=vocab_size,
+        params = student_head.params() + (teacher_head.params() if has_teacher else [])
+        with gather(params):  # collective under ZeRO-3: every rank, every batch, even with no tokens
+            sums += token_stats(s_h, student_head, targets[keep], teacher_hidden=t_h,
+                                teacher_head=teacher_head if has_teacher else None, vocab_size=vocab_size,
                                 chunk_size=chunk_size)
     if teacher_cache is not None and has_teacher:
         teacher_cache.ready = True
@@ -177,17 +182,17 @@ def evaluate(batches: Iterable[dict], *, student_hidden_fn: HiddenFn, student_we
 # Plain Hugging Face models (launch/eval.py, tests)
 # ----------------------------------------------------------------------------------------------------------------
 
-def hf_parts(model: torch.nn.Module) -> tuple[HiddenFn, torch.nn.Parameter]:
-    """(hidden_fn, lm_head weight) of a Hugging Face causal LM: the decoder's final hidden states, no logits."""
+def hf_parts(model: torch.nn.Module) -> tuple[HiddenFn, Head]:
+    """(hidden_fn, head) of a Hugging Face causal LM: the decoder's final hidden states, and its head."""
+    from . import heads
+
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    decoder, head = base.get_decoder(), base.get_output_embeddings()
-    if getattr(head, "bias", None) is not None:
-        raise ValueError("the model's lm_head has a bias, which this evaluation does not support")
+    decoder = base.get_decoder()
 
     def hidden_fn(input_ids, attention_mask):
         return decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
 
-    return hidden_fn, head.weight
+    return hidden_fn, heads.of_model(model)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -81,6 +81,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .heads import IDENTITY, HeadTransform, softcap_
+
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tv")
 IMPLS = ("full", "chunked", "topk")
 IGNORE_INDEX = -100
@@ -224,6 +226,13 @@ class _Opts:
     need_grad_hidden: bool
     need_grad_weight: bool
     layout: str = "token_major"
+    need_grad_bias: bool = False
+    student_transform: HeadTransform = IDENTITY
+    teacher_transform: HeadTransform = IDENTITY
+
+    @property
+    def want_grad(self) -> bool:
+        return self.need_grad_hidden or self.need_grad_weight or self.need_grad_bias
 
 
 def distill_loss(
@@ -244,6 +253,10 @@ def distill_loss(
     chunk_size: int = 1024,
     top_k: int = 64,
     layout: str = "auto",
+    student_bias: Tensor | None = None,
+    teacher_bias: Tensor | None = None,
+    student_transform: HeadTransform = IDENTITY,
+    teacher_transform: HeadTransform = IDENTITY,
 ) -> LossSums:
     """Distillation + CE loss sums for N positions (see the module docstring for every convention).
 
@@ -252,6 +265,11 @@ def distill_loss(
     [Vt_rows, Ht] likewise for the teacher, or teacher_topk = (ids [N, k], logprobs [N, k]) from an offline cache
     (impl="topk" only). alpha == 0 trains CE only and needs no teacher. `layout` (chunked / topk) is the chunk
     logits' memory layout, see `chunk_layout`; it changes speed only, never the result beyond fp32 rounding.
+
+    The model's head (heads.py): each model's logits are `transform(hidden @ weight^T + bias)`, with an optional
+    bias [V_rows] (trained, for the student: it gets its gradient) and the family's `HeadTransform` (scale,
+    softcap). Every impl applies them, chunk by chunk in the fused ones, with the transform's derivative in the
+    gradient; plain heads (no bias, identity transform) take exactly the code path they took without them.
     """
     if divergence not in DIVERGENCES:
         raise ValueError(f"divergence={divergence!r}: expected one of {DIVERGENCES}")
@@ -282,14 +300,19 @@ def distill_loss(
             if teacher_weight.shape[0] < vocab_size:
                 raise ValueError(f"teacher lm_head has {teacher_weight.shape[0]} rows < vocab_size {vocab_size}")
     else:  # CE only: the teacher is not used at all
-        teacher_hidden = teacher_weight = teacher_topk = None
+        teacher_hidden = teacher_weight = teacher_topk = teacher_bias = None
 
     grad_on = torch.is_grad_enabled()
     opts = _Opts(vocab_size=vocab_size, alpha=float(alpha), temperature=float(temperature), divergence=divergence,
                  beta=float(beta), skew_lambda=float(skew_lambda), chunk_size=int(chunk_size), top_k=int(top_k),
                  impl=impl, need_grad_hidden=grad_on and student_hidden.requires_grad,
                  need_grad_weight=grad_on and student_weight.requires_grad,
-                 layout=chunk_layout(layout))
+                 layout=chunk_layout(layout),
+                 need_grad_bias=grad_on and student_bias is not None and student_bias.requires_grad,
+                 student_transform=student_transform, teacher_transform=teacher_transform)
+    for name, b, w in (("student_bias", student_bias, student_weight), ("teacher_bias", teacher_bias, teacher_weight)):
+        if b is not None and (w is None or b.dim() != 1 or b.shape[0] != w.shape[0]):
+            raise ValueError(f"{name} must be [rows of its lm_head], got {tuple(b.shape)}")
 
     # Drop untrained positions before any matmul (one host sync); also validates the labels.
     valid = labels != IGNORE_INDEX
@@ -300,7 +323,8 @@ def distill_loss(
                          f"{int(lab.max())}]")
 
     if impl == "full":
-        return _full_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, rows, lab, opts)
+        return _full_loss(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
+                          rows, lab, opts)
     topk_ids = topk_lp = None
     if teacher_topk is not None:
         ids, lps = teacher_topk
@@ -315,8 +339,8 @@ def distill_loss(
     t_hidden = teacher_hidden
     if teacher_hidden is not None and rows.numel() != labels.shape[0]:
         t_hidden = teacher_hidden.index_select(0, rows)
-    total, stats = _FusedLinearDistill.apply(student_hidden, student_weight, rows, lab, t_hidden, teacher_weight,
-                                             topk_ids, topk_lp, opts)
+    total, stats = _FusedLinearDistill.apply(student_hidden, student_weight, student_bias, rows, lab, t_hidden,
+                                             teacher_weight, teacher_bias, topk_ids, topk_lp, opts)
     return _pack(total, stats, rows.numel(), opts)
 
 
@@ -339,17 +363,24 @@ def _pack(total: Tensor, stats: Tensor, n_tokens: int, opts: _Opts) -> LossSums:
 # impl = "full": the reference
 # ----------------------------------------------------------------------------------------------------------------
 
-def _full_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, rows, lab, o: _Opts) -> LossSums:
+def _raw_logits(h: Tensor, weight: Tensor, bias: Tensor | None, V: int) -> Tensor:
+    raw = h @ weight[:V].T
+    return _at_least_fp32(raw + bias[:V] if bias is not None else raw)
+
+
+def _full_loss(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, rows, lab,
+               o: _Opts) -> LossSums:
     V, T = o.vocab_size, o.temperature
     h = student_hidden.index_select(0, rows)
-    s = (h @ student_weight[:V].T).float()  # [n, V]
+    s = o.student_transform(_raw_logits(h, student_weight, student_bias, V))  # [n, V] the model's logits, fp32
     ce_tok = F.cross_entropy(s, lab, reduction="none")
     stats = torch.zeros(len(_STATS), dtype=torch.float64, device=s.device)
     stats[0] = ce_tok.detach().sum()
     total = (1 - o.alpha) * ce_tok.sum()
     if o.alpha > 0:
         with torch.no_grad():
-            t = (teacher_hidden.index_select(0, rows) @ teacher_weight[:V].T).float()  # [n, V]
+            t = o.teacher_transform(_raw_logits(teacher_hidden.index_select(0, rows), teacher_weight, teacher_bias,
+                                                V))  # [n, V]
         kd_tok = token_divergence(s, t, o.divergence, T, o.beta, o.skew_lambda)
         total = total + o.alpha * T * T * kd_tok.sum()
         with torch.no_grad():
@@ -365,6 +396,8 @@ def _full_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, r
     total = total.float()
     if rows.numel() == 0:  # keep the graph (zero grads) for every input that requires grad
         total = total + 0.0 * student_hidden.sum() + 0.0 * student_weight.sum()
+        if student_bias is not None:
+            total = total + 0.0 * student_bias.sum()
     return _pack(total, stats, rows.numel(), o)
 
 
@@ -373,13 +406,18 @@ def _full_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, r
 # ----------------------------------------------------------------------------------------------------------------
 
 class _FusedLinearDistill(torch.autograd.Function):
-    """Forward computes the loss sums AND d(total)/d(student_hidden), d(total)/d(student_weight), chunk by chunk.
+    """Forward computes the loss sums AND d(total)/d(student_hidden), d(total)/d(student_weight) (and the bias),
+    chunk by chunk.
 
     Backward multiplies the stored gradients by grad_output (a scalar) and returns them. The teacher gets no grad.
+    Head transforms (heads.py): a scale is folded into the [c, H] hidden rows (z = (scale h) @ W^T + scale b, so
+    dz/dh = scale W and dz/dW = (scale h)^T: no [c, V] pass); a softcap is applied slab by slab in `_chunk_slabs`,
+    which multiplies the logit gradient by its derivative there.
     """
 
     @staticmethod
-    def forward(ctx, student_hidden, student_weight, rows, lab, t_hidden, t_weight, topk_ids, topk_lp, o: _Opts):
+    def forward(ctx, student_hidden, student_weight, student_bias, rows, lab, t_hidden, t_weight, t_bias, topk_ids,
+                topk_lp, o: _Opts):
         N, Hs = student_hidden.shape
         dev, V = student_hidden.device, o.vocab_size
         w_s = student_weight[:V]  # [V, Hs] view: padded rows never take part
@@ -400,28 +438,51 @@ class _FusedLinearDistill(torch.autograd.Function):
         # on every slab on CPU); vocab_major adds two for the slab's student and teacher rows
         work = torch.empty(slab_temps(o.layout), min(slab, max(n, 1)), V, dtype=torch.float32,
                            device=dev)
-        want_grad = o.need_grad_hidden or o.need_grad_weight
+        want_grad = o.want_grad
         has_t = o.alpha > 0 and t_hidden is not None
+        s_scale, t_scale = o.student_transform.scale, o.teacher_transform.scale
+        # biases in fp32, with the scale folded in ([V]); their gradient is the column sum of the logit gradient
+        b_s = student_bias[:V].detach().float() * s_scale if student_bias is not None else None
+        b_t = t_bias[:V].float() * t_scale if t_bias is not None and has_t else None
+        grad_b = (torch.zeros(student_bias.shape, dtype=torch.float32, device=dev) if o.need_grad_bias else None)
+        # d(softcap)/d(input) of a slab's student logits: one more [slab, V] temporary, only for softcapped students
+        dwork = (torch.empty(min(slab, max(n, 1)), V, dtype=torch.float32, device=dev)
+                 if o.student_transform.softcap is not None and want_grad else None)
         for c0 in range(0, n, o.chunk_size):
             c1 = min(c0 + o.chunk_size, n)
-            h_c = h[c0:c1]
+            h_c = h[c0:c1] if s_scale == 1.0 else h[c0:c1] * s_scale  # [c, Hs]
+            t_c = None
+            if has_t:
+                t_c = t_hidden[c0:c1] if t_scale == 1.0 else t_hidden[c0:c1] * t_scale
             # student logits ([c, V] or [V, c]), overwritten in place with d(total)/d(logits); teacher logits
             if vocab_major:
                 s = torch.mm(w_s, h_c.T).float()
-                t = torch.mm(w_t, t_hidden[c0:c1].T).float() if has_t else None
+                t = torch.mm(w_t, t_c.T).float() if has_t else None
+                if b_s is not None:
+                    s.add_(b_s[:, None])
+                if b_t is not None:
+                    t.add_(b_t[:, None])
             else:
                 s = (h_c @ w_s.T).float()
-                t = (t_hidden[c0:c1] @ w_t.T).float() if has_t else None
+                t = (t_c @ w_t.T).float() if has_t else None
+                if b_s is not None:
+                    s.add_(b_s)
+                if b_t is not None:
+                    t.add_(b_t)
             ids_c = topk_ids[c0:c1] if topk_ids is not None else None
             lp_c = topk_lp[c0:c1] if topk_lp is not None else None
-            stats += _chunk_slabs(s, t, ids_c, lp_c, lab[c0:c1], o, work)
-            del t  # no view of it survives (_chunk_slabs owns them): freed before the next chunk allocates
+            stats += _chunk_slabs(s, t, ids_c, lp_c, lab[c0:c1], o, work, dwork)
+            del t, t_c  # no view of it survives (_chunk_slabs owns them): freed before the next chunk allocates
             if want_grad:
+                if grad_b is not None:  # d/d(bias) = scale * column sums of d/d(scaled raw logits)
+                    grad_b[:V] += (s.sum(1) if vocab_major else s.sum(0)).mul_(s_scale)
                 # d(total)/d(student logits) in the matmul dtype; for bf16 the fp32 buffer is dropped here
                 s = s.to(h_c.dtype)
                 g = s.T if vocab_major else s  # [c, V] view either way
                 if grad_h is not None:
                     torch.mm(g, w_s, out=grad_h[c0:c1])
+                    if s_scale != 1.0:
+                        grad_h[c0:c1].mul_(s_scale)
                 if grad_w is not None:
                     if accumulate_fp32:
                         grad_w[:V] += (g.T @ h_c).float()
@@ -436,7 +497,9 @@ class _FusedLinearDistill(torch.autograd.Function):
             grad_h = full
         if grad_w is not None and accumulate_fp32:
             grad_w = grad_w.to(student_weight.dtype)
-        ctx.grads = [grad_h, grad_w]
+        if grad_b is not None:
+            grad_b = grad_b.to(student_bias.dtype)
+        ctx.grads = [grad_h, grad_w, grad_b]
         ctx.mark_non_differentiable(stats)
         return total, stats
 
@@ -444,17 +507,22 @@ class _FusedLinearDistill(torch.autograd.Function):
     def backward(ctx, grad_total, grad_stats):
         if ctx.grads is None:
             raise RuntimeError("distill_loss gradients were already consumed: backward through it only once")
-        grad_h, grad_w = ctx.grads
+        grad_h, grad_w, grad_b = ctx.grads
         ctx.grads = None  # scaled in place below: a second backward must not reuse them
         # no `if grad_total == 1` shortcut: it would be a host sync on GPU; one pass over grad_w is cheap
         grad_h = grad_h.mul_(grad_total.to(grad_h.dtype)) if grad_h is not None else None
         grad_w = grad_w.mul_(grad_total.to(grad_w.dtype)) if grad_w is not None else None
-        return grad_h, grad_w, None, None, None, None, None, None, None
+        grad_b = grad_b.mul_(grad_total.to(grad_b.dtype)) if grad_b is not None else None
+        return grad_h, grad_w, grad_b, None, None, None, None, None, None, None, None
 
 
 def _chunk_slabs(s: Tensor, t: Tensor | None, ids: Tensor | None, lp: Tensor | None, lab: Tensor, o: _Opts,
-                 work: Tensor) -> Tensor:
+                 work: Tensor, dwork: Tensor | None = None) -> Tensor:
     """Run the element-wise part over one chunk, `work.shape[1]` rows at a time; returns the summed stats row.
+
+    Softcapped heads: each slab's logits are capped here (in cache, right before their use), and, for the student,
+    the gradient w.r.t. the capped logits is multiplied by the cap's derivative (kept in `dwork` [slab, V], given
+    when gradients are wanted), so what leaves is d(total)/d(logits before the cap).
 
     token_major: s, t are [c, V] and the slabs work in place on their rows. vocab_major: s, t are [V, c]; each slab's
     token columns are copied into the last two work rows (contiguous [r, V]), processed there, and the gradient is
@@ -476,6 +544,12 @@ def _chunk_slabs(s: Tensor, t: Tensor | None, ids: Tensor | None, lp: Tensor | N
         else:
             s_r = s[r0:r1]
             t_r = t[r0:r1] if t is not None else None
+        d_r = None
+        if o.student_transform.softcap is not None:
+            d_r = dwork[:r1 - r0] if dwork is not None else None
+            softcap_(s_r, o.student_transform.softcap, d_r)
+        if t_r is not None and o.teacher_transform.softcap is not None:
+            softcap_(t_r, o.teacher_transform.softcap)
         if o.alpha == 0:
             stats += _ce_only_slab(s_r, lab[r0:r1], w)
         elif o.impl == "topk":
@@ -483,6 +557,8 @@ def _chunk_slabs(s: Tensor, t: Tensor | None, ids: Tensor | None, lp: Tensor | N
                                 lp[r0:r1] if lp is not None else None, lab[r0:r1], o, w)
         else:
             stats += _dense_slab(s_r, t_r, lab[r0:r1], o, w)
+        if d_r is not None:
+            s_r.mul_(d_r)
         if vocab_major:
             s[:, r0:r1].T.copy_(s_r)
     return stats

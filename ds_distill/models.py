@@ -1,8 +1,11 @@
 """Hugging Face models: safe loading, the student-with-loss and teacher-hidden wrappers, and the HF export.
 
 The wrappers exist for the fused loss: the student's forward returns the loss sums computed from its final hidden
-states and its lm_head weight (never a [B, S, V] logits tensor), and the teacher's forward returns only its final
-hidden states; its lm_head weight is passed into the student's loss while gathered.
+states and its head (lm_head weight, bias, the family's logit transform: heads.py; never a [B, S, V] logits tensor),
+and the teacher's forward returns only its final hidden states; its head is passed into the student's loss while
+gathered. Both can also run the model's own HF forward on a few positions (`probe`) so that the trainer can check,
+before step 1, that the fused head reproduces it. An MoE student's forward also returns the router's load-balancing
+(aux) loss, computed by the model family's own function from its router logits.
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from . import heads
 from .errors import ModelError
 from .losses import LossSums, distill_loss
 
@@ -69,12 +73,41 @@ def _decoder(model: nn.Module) -> nn.Module:
     return base.get_decoder()
 
 
+def _base(model: nn.Module) -> nn.Module:
+    return model.get_base_model() if hasattr(model, "get_base_model") else model  # peft wraps the HF model
+
+
+class MoeAux:
+    """How an MoE causal LM computes its router load-balancing loss: its family's `load_balancing_loss_func` (from
+    its own modeling module), expert counts and `router_aux_loss_coef`, as in its HF forward with
+    `output_router_logits=True`. `of(model)` is None for dense models."""
+
+    def __init__(self, fn, num_experts: int, top_k: int, coef: float):
+        self.fn, self.num_experts, self.top_k, self.coef = fn, num_experts, top_k, coef
+
+    @staticmethod
+    def of(model: nn.Module) -> Optional["MoeAux"]:
+        import sys
+
+        base = _base(model)
+        coef = getattr(base.config, "router_aux_loss_coef", None)
+        fn = getattr(sys.modules.get(type(base).__module__), "load_balancing_loss_func", None)
+        n_exp = getattr(base, "num_experts", None)
+        if coef is None or fn is None or not n_exp:
+            return None
+        return MoeAux(fn, int(n_exp), int(getattr(base, "num_experts_per_tok", 2)), float(coef))
+
+    def __call__(self, router_logits, attention_mask) -> torch.Tensor:
+        return self.fn(router_logits, self.num_experts, self.top_k, attention_mask)
+
+
 def _lm_head(model: nn.Module) -> nn.Module:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    head = base.get_output_embeddings()
-    if getattr(head, "bias", None) is not None:
-        raise ModelError("the model's lm_head has a bias, which the fused loss does not support")
-    return head
+    return _base(model).get_output_embeddings()
+
+
+def _head_params(model: nn.Module) -> list:
+    head = _lm_head(model)
+    return [head.weight] + ([head.bias] if getattr(head, "bias", None) is not None else [])
 
 
 class TeacherHidden(nn.Module):
@@ -88,16 +121,25 @@ class TeacherHidden(nn.Module):
     def lm_head_weight(self) -> nn.Parameter:
         return _lm_head(self.model).weight
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return _decoder(self.model)(input_ids=input_ids, attention_mask=attention_mask,
-                                    use_cache=False).last_hidden_state
+    @property
+    def head(self) -> heads.Head:
+        """weight, bias, transform (partitioned under ZeRO-3: gather head.params() before reading them)."""
+        return heads.of_model(self.model)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, probe: bool = False):
+        hidden = _decoder(self.model)(input_ids=input_ids, attention_mask=attention_mask,
+                                      use_cache=False).last_hidden_state
+        if probe:  # (the model's own logits [B, S, V], hidden [B, S, H]) for trainer.probe_heads
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits, hidden
+        return hidden
 
 
 class StudentWithLoss(nn.Module):
     """Student forward + distillation loss in one module call, so ZeRO-3 gathers the lm_head for the loss.
 
     Returns the loss sums of `losses.distill_loss` as a tuple (DeepSpeed hooks tensors in tuples):
-    (total, ce, kd, tokens, metrics [4] = agree, teacher_entropy, student_entropy, topk_mass).
+    (total, ce, kd, tokens, metrics [4] = agree, teacher_entropy, student_entropy, topk_mass, aux), aux being an
+    MoE student's router load-balancing loss of the micro-batch (with grad; 0 for dense students).
     Only the positions whose label is trained are passed to the loss (shifted: hidden[t] predicts labels[t+1]).
     """
 
@@ -106,8 +148,22 @@ class StudentWithLoss(nn.Module):
     def __init__(self, model: nn.Module, register_external=None):
         super().__init__()
         self.model = model
+        self.transform = heads.transform_of(_base(model).config)
+        self.moe_aux = MoeAux.of(model)
         if register_external is not None:
-            register_external(self, _lm_head(model).weight)
+            for p in _head_params(model):
+                register_external(self, p)
+
+    @property
+    def head(self) -> heads.Head:
+        """The head the loss uses (its transform included), which is also what the start-up probe checks."""
+        lm_head = _lm_head(self.model)
+        return heads.Head(lm_head.weight, getattr(lm_head, "bias", None), self.transform)
+
+    @property
+    def aux_coef(self) -> float:
+        """The router aux loss coefficient of an MoE student (its config's router_aux_loss_coef), 0 otherwise."""
+        return self.moe_aux.coef if self.moe_aux is not None else 0.0
 
     @property
     def hf_model(self) -> nn.Module:
@@ -118,11 +174,20 @@ class StudentWithLoss(nn.Module):
         return _lm_head(self.model).weight
 
     def forward(self, input_ids, attention_mask, labels, loss_kwargs: dict, teacher_hidden=None,
-                teacher_weight=None, teacher_topk=None, hidden_only: bool = False):
-        hidden = _decoder(self.model)(input_ids=input_ids, attention_mask=attention_mask,
-                                      use_cache=False).last_hidden_state  # [B, S, H]
+                teacher_weight=None, teacher_topk=None, hidden_only: bool = False, teacher_bias=None,
+                probe: bool = False):
+        want_aux = self.moe_aux is not None and not hidden_only and not probe
+        extra = {"output_router_logits": True} if want_aux else {}
+        out_dec = _decoder(self.model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra)
+        hidden = out_dec.last_hidden_state  # [B, S, H]
         if hidden_only:  # evaluation (evaluate.py): the final hidden states, through the engine's ZeRO-3 hooks
             return hidden
+        if probe:  # the model's own logits and the fused head's, on these few positions (trainer.probe_heads)
+            own = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+            return own, self.head.logits(hidden)
+        # the router load-balancing loss of this micro-batch, as the HF forward computes it (a mean over its tokens)
+        aux = self.moe_aux(out_dec.router_logits, attention_mask).float().reshape(()) if want_aux else \
+            torch.zeros((), device=hidden.device)
         targets = labels[:, 1:].reshape(-1)  # [N]
         keep = (targets != IGNORE_INDEX).nonzero().squeeze(1)
         if keep.numel() == 0:  # fully masked micro-batch: one ignored row keeps every rank's graph identical
@@ -136,12 +201,14 @@ class StudentWithLoss(nn.Module):
             ids, lps = teacher_topk  # [B, S-1, k] aligned with targets
             t_topk = (ids.reshape(-1, ids.shape[-1]).index_select(0, keep),
                       lps.reshape(-1, lps.shape[-1]).index_select(0, keep))
-        out: LossSums = distill_loss(h, _lm_head(self.model).weight, targets.index_select(0, keep),
+        head = _lm_head(self.model)
+        out: LossSums = distill_loss(h, head.weight, targets.index_select(0, keep),
                                      teacher_hidden=t_h, teacher_weight=teacher_weight, teacher_topk=t_topk,
-                                     **loss_kwargs)
+                                     teacher_bias=teacher_bias, student_bias=getattr(head, "bias", None),
+                                     student_transform=self.transform, **loss_kwargs)
         metrics = torch.stack([out.metrics.get(k, torch.zeros((), device=h.device)).float().reshape(())
                                for k in self.METRIC_KEYS])
-        return out.total, out.ce, out.kd, out.tokens.float(), metrics
+        return out.total, out.ce, out.kd, out.tokens.float(), metrics, aux
 
 
 def save_hf_export(model: nn.Module, state_dict: dict, out_dir: str, tokenizer, resolved_config: dict) -> None:

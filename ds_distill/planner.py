@@ -74,6 +74,7 @@ class Arch:
     layer_params: int  # largest decoder layer
     lm_head_params: int
     linear_shapes: dict = field(default_factory=dict)  # per-layer Linear name -> (in, out)
+    softcap: bool = False  # the family caps its logits (heads.py): the loss keeps one more [slab, V] buffer
 
     @property
     def hq(self) -> int:
@@ -101,6 +102,8 @@ def read_arch(path: str, trust_remote_code: bool = False) -> Arch:
     from torch import nn
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from ds_distill.heads import transform_of
+
     cfg = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(cfg, trust_remote_code=trust_remote_code)
@@ -124,7 +127,8 @@ def read_arch(path: str, trust_remote_code: bool = False) -> Arch:
                 head_dim=getattr(tc, "head_dim", None) or tc.hidden_size // heads,
                 intermediate=tc.intermediate_size, vocab_rows=head.weight.shape[0], tied=tied,
                 qk_norm=any(n.endswith("q_norm") for n, _ in layers[0].named_modules()),
-                layer_params=layer_params, lm_head_params=head.weight.numel(), linear_shapes=shapes)
+                layer_params=layer_params, lm_head_params=head.weight.numel(), linear_shapes=shapes,
+                softcap=transform_of(tc).softcap is not None)
 
 
 @dataclass
@@ -255,7 +259,7 @@ def estimate(cfg, *, world_size: int, device: str = "gpu", student: Optional[Arc
     chunk = c * V * 4 * (2 if t is not None else 1) + (c * V * e if e != 4 else 0)
     from ds_distill.losses import slab_rows, slab_temps
 
-    slab, temps = min(slab_rows(device, V), c), slab_temps(cfg.loss.layout)
+    slab, temps = min(slab_rows(device, V), c), slab_temps(cfg.loss.layout) + (1 if s.softcap else 0)
     ph.append(Item("loss chunk buffers", chunk + temps * slab * V * 4,
                    note=f"{'2' if t is not None else '1'} x {c} x {V} fp32 + {temps} x {slab} x V"))
     if lora.rank == 0:

@@ -45,6 +45,7 @@ import numpy as np
 import torch
 
 from .errors import DistillError
+from .heads import IDENTITY, HeadTransform, head_logits
 
 FORMAT = "ds_distill.teacher_cache"
 VERSION = 1
@@ -117,19 +118,22 @@ def data_fingerprint(dataset) -> str:
 
 @torch.no_grad()
 def topk_logprobs(hidden: torch.Tensor, weight: torch.Tensor, *, vocab_size: int, k: int, temperature: float = 1.0,
-                  chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k ids [N, k] int32 and log-probs [N, k] fp32 of softmax(hidden @ weight[:vocab_size].T / T).
+                  chunk_size: int = 1024, bias: Optional[torch.Tensor] = None,
+                  transform: HeadTransform = IDENTITY) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k ids [N, k] int32 and log-probs [N, k] fp32 of softmax(head logits / T), the head logits being the
+    model's own: transform(hidden @ weight[:vocab_size].T + bias) (heads.py: Gemma's softcap, Cohere's scale...).
 
     The softmax is over the real vocabulary only (lm_head rows >= vocab_size are padding and never get mass).
     Logits exist `chunk_size` positions at a time ([chunk, V] fp32); the GEMM runs in fp32 so that bf16 teachers do
     not round logits to 8 bits before the softmax.
     """
     w = weight[:vocab_size].float()  # [V, H] (a view for fp32 weights)
+    b = bias[:vocab_size].float() if bias is not None else None
     n = hidden.shape[0]
     ids = torch.empty((n, k), dtype=torch.int32, device=hidden.device)
     lps = torch.empty((n, k), dtype=torch.float32, device=hidden.device)
     for c0 in range(0, n, chunk_size):
-        logits = hidden[c0:c0 + chunk_size].float() @ w.T  # [c, V]
+        logits = head_logits(hidden[c0:c0 + chunk_size].float(), w, b, transform)  # [c, V]
         if temperature != 1.0:
             logits.div_(temperature)
         lse = torch.logsumexp(logits, dim=1, keepdim=True)  # [c, 1]
@@ -567,8 +571,10 @@ def write_cache(cfg, cache_dir: str, *, top_k: int, dtype: str = "fp16", micro_b
                 hidden = engine(batch["input_ids"].to(dev), am)  # [B, S, H]
                 valid = am[:, 1:].bool()  # [B, S-1]: positions 0..len-2 of each sample
                 h = hidden[:, :-1][valid]  # [P, H], sample by sample
-                with engines.gathered([engine.module.lm_head_weight]):
-                    ids, lps = topk_logprobs(h, engine.module.lm_head_weight, vocab_size=vocab_size, k=top_k,
+                head = engine.module.head
+                with engines.gathered(head.params()):
+                    ids, lps = topk_logprobs(h, head.weight, bias=head.bias, transform=head.transform,
+                                             vocab_size=vocab_size, k=top_k,
                                              chunk_size=cfg.loss.chunk_size)
             start = 0
             for sid, n in zip(batch["sample_ids"].tolist(), (am.sum(1) - 1).tolist()):

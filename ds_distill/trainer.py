@@ -27,8 +27,15 @@ from .errors import ConfigError, DistillError, ModelError, NonFiniteError
 from .tracking import Tracker
 from . import evaluate, report
 
-# Order of the per-step sums all-reduced once per step.
-SUM_KEYS = ("total", "ce", "kd", "tokens") + tuple(f"kd/{k}" for k in models.StudentWithLoss.METRIC_KEYS)
+# Order of the per-step sums all-reduced once per step ("aux": an MoE student's router aux loss, summed over
+# micro-batches; "micro_batches": how many were summed, over all ranks).
+SUM_KEYS = ("total", "ce", "kd", "tokens", "aux", "micro_batches") + tuple(
+    f"kd/{k}" for k in models.StudentWithLoss.METRIC_KEYS)
+# The start-up probe: positions of the first micro-batch run through each model's own forward, and the largest
+# |own - fused| allowed, relative to the largest |own logit| (fp32: rounding is ~1e-6; bf16/fp16 round the logits
+# to 8-11 bits, and the HF forward rounds at other places than the fused head)
+PROBE_POSITIONS = 16
+PROBE_TOLERANCE = {"fp32": 1e-3, "bf16": 3e-2, "fp16": 1e-2}
 
 
 @dataclasses.dataclass
@@ -218,6 +225,15 @@ def build(cfg: DistillConfig) -> Run:
     loss_kwargs = dict(vocab_size=vocab_size, alpha=L.alpha, temperature=L.temperature, divergence=L.divergence,
                        beta=L.beta, skew_lambda=L.skew_lambda, impl=L.impl, chunk_size=L.chunk_size, top_k=L.top_k,
                        layout=L.layout)
+    wrapper_s = student_engine.module
+    vocab_message += (f"\nstudent head: {_model_type(student)} ({wrapper_s.transform.describe()}"
+                      + (", bias" if wrapper_s.head.bias is not None else "") + ")"
+                      + (f"; MoE router aux loss x {wrapper_s.aux_coef:g}" if wrapper_s.moe_aux is not None else ""))
+    if teacher_engine is not None:
+        t_head = teacher_engine.module.head
+        loss_kwargs["teacher_transform"] = t_head.transform
+        vocab_message += (f"\nteacher head: {_model_type(teacher_engine.module.model)} ({t_head.transform.describe()}"
+                          + (", bias" if t_head.bias is not None else "") + ")")
 
     # --- resume
     ckpt_root = os.path.join(cfg.output_dir, "checkpoints")
@@ -246,6 +262,64 @@ def build(cfg: DistillConfig) -> Run:
     return run
 
 
+def _model_type(model) -> str:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(base.config, "model_type", "?")
+
+
+def probe_heads(run: Run, mb: dict) -> dict:
+    """Before the first step: the first PROBE_POSITIONS positions of the first sequence of `mb` through each model's
+    own HF forward (`model(...).logits`, ZeRO-3 parameters gathered by the engines' hooks) and through the fused
+    head (heads.py: lm_head, bias, the family's transform), compared. Collective (every rank probes its own batch,
+    the worst difference is all-reduced), so every rank raises the same ModelError (exit 2) when a model's forward
+    does something the head table does not know, naming the model, its type and the largest difference. Returns
+    {"student": rel_diff, "teacher": rel_diff}."""
+    cfg, eng, teacher = run.cfg, run.student_engine, run.teacher_engine
+    dev = engines.device()
+    ids = mb["input_ids"][:1, :PROBE_POSITIONS].to(dev)
+    mask = mb["attention_mask"][:1, :PROBE_POSITIONS].to(dev)
+    V = run.loss_kwargs["vocab_size"]
+
+    def rel_diff(own, fused):  # [B, S, V] each: the largest difference over the real vocabulary and trained tokens
+        own, fused = own[..., :V].float(), fused[..., :V].float()
+        keep = mask.bool()
+        diff = (own - fused).abs()[keep].max()
+        return torch.stack([diff / own.abs()[keep].max().clamp_min(1e-6), diff])
+
+    out = {}
+    was_training = eng.training
+    eng.eval()  # no dropout: the probe must neither change nor consume any RNG
+    try:
+        with torch.no_grad():
+            own, fused = eng(ids, mask, None, None, probe=True)
+            diffs = [rel_diff(own, fused)]
+            if teacher is not None:
+                own_t, hidden_t = teacher(ids, mask, probe=True)
+                head = teacher.module.head
+                with engines.gathered(head.params()):
+                    diffs.append(rel_diff(own_t, head.logits(hidden_t)))
+    finally:
+        eng.train(was_training)
+        for engine in (eng, teacher):
+            if engine is not None:
+                engines.forget_forward_trace(engine)
+    worst = engines.all_reduce_max(torch.stack(diffs).double())  # [models, 2]
+    tol = PROBE_TOLERANCE[engines.resolve_precision(cfg.train.precision)]
+    named = [("student", cfg.student.path, eng.module.model, eng.module.head)] + (
+        [("teacher", cfg.teacher.path, teacher.module.model, teacher.module.head)] if teacher is not None else [])
+    for (role, path, model, head), (rel, absolute) in zip(named, worst.tolist()):
+        out[role] = rel
+        if not rel <= tol:  # also catches NaN
+            raise ModelError(
+                f"{role}.path '{path}' (model_type '{_model_type(model)}'): the model's own forward gives other "
+                f"logits than the fused head (lm_head{', bias' if head.bias is not None else ''}, transform "
+                f"{head.transform.describe()}): largest difference {absolute:.4g} = "
+                f"{rel:.3g} of the largest logit (tolerance {tol:g}) -> its forward does something ds_distill's "
+                "head table (ds_distill/heads.py FAMILIES) does not know (a trust_remote_code or patched model, a "
+                "new family): add its logit transform there (README: 'Model families'), or use a supported model")
+    return out
+
+
 def _to_device(mb: dict, dev: torch.device) -> dict:
     return {k: v.to(dev, non_blocking=True) for k, v in mb.items()}
 
@@ -267,24 +341,31 @@ def train_step(run: Run, micro_batches: list[dict], before_step=None,
     scale = run.world_size / max(global_tokens, 1.0)  # x world: DeepSpeed averages gradients over ranks
 
     sums = torch.zeros(len(SUM_KEYS), dtype=torch.float64, device=dev)
+    # an MoE student's router aux loss is a per-forward mean (as in its HF forward): each micro-batch's gets weight
+    # coef / (micro-batches x ranks) in the step's objective; DeepSpeed's average over ranks supplies the 1 / ranks
+    aux_weight = eng.module.aux_coef / len(micro_batches)
     for mb in micro_batches:
         teacher_topk = None
         if run.teacher_topk_cache is not None:  # rows by sample id, aligned with labels[:, 1:]: [B, S-1, k] each
             teacher_topk = tuple(t.to(dev, non_blocking=True) for t in
                                  run.teacher_topk_cache.batch(mb["sample_ids"], mb["attention_mask"]))
         mb = _to_device(mb, dev)
-        teacher_hidden, teacher_weight = None, None
+        teacher_hidden, t_head = None, None
         if teacher is not None:
             with torch.no_grad():
                 teacher_hidden = teacher(mb["input_ids"], mb["attention_mask"])  # [B, S, Ht]
-        with engines.gathered([teacher.module.lm_head_weight] if teacher is not None else []):
-            if teacher is not None:
-                teacher_weight = teacher.module.lm_head_weight
-            total, ce, kd, tokens, metrics = eng(mb["input_ids"], mb["attention_mask"], mb["labels"],
-                                                 run.loss_kwargs, teacher_hidden=teacher_hidden,
-                                                 teacher_weight=teacher_weight, teacher_topk=teacher_topk)
-        sums += torch.cat([torch.stack([total.detach(), ce, kd, tokens]).double(), metrics.double()])
+            t_head = teacher.module.head
+        with engines.gathered(t_head.params() if t_head is not None else []):
+            total, ce, kd, tokens, metrics, aux = eng(
+                mb["input_ids"], mb["attention_mask"], mb["labels"], run.loss_kwargs, teacher_hidden=teacher_hidden,
+                teacher_weight=t_head.weight if t_head is not None else None,
+                teacher_bias=t_head.bias if t_head is not None else None, teacher_topk=teacher_topk)
+        one = torch.ones((), dtype=torch.float64, device=dev)
+        sums += torch.cat([torch.stack([total.detach().double(), ce.double(), kd.double(), tokens.double(),
+                                        aux.detach().double(), one]), metrics.double()])
         loss = total * scale
+        if aux_weight:
+            loss = loss + aux * aux_weight
         if guard is not None and eng.is_gradient_accumulation_boundary():
             loss = guard.check(sums, loss)  # collective: a non-finite loss on any rank, SIGTERM (guards.py)
         eng.backward(loss, scale_wrt_gas=False)
@@ -293,19 +374,29 @@ def train_step(run: Run, micro_batches: list[dict], before_step=None,
         eng.step()  # DeepSpeed applies the optimizer only at the accumulation boundary
     engines.all_reduce_sum(sums)
     out = dict(zip(SUM_KEYS, sums.tolist()))  # host sync: once per step
+    out["aux_coef"] = eng.module.aux_coef
     out["global_tokens"] = global_tokens
     out["global_seq_tokens"] = global_seq_tokens
     return out
 
 
 def step_metrics(sums: dict, *, lr: float, grad_norm: Optional[float], seconds: float) -> dict:
-    """Logged row: token means of the step's global sums (the values the gradient came from)."""
+    """Logged row: token means of the step's global sums (the values the gradient came from); for an MoE student
+    also `loss/aux`, the mean over micro-batches (all ranks) of its router aux loss, and `loss/total` includes
+    coef * loss/aux."""
     n = max(sums["tokens"], 1.0)
-    row = {"loss/total": sums["total"] / n, "loss/ce": sums["ce"] / n, "loss/kl": sums["kd"] / n, "lr": lr,
+    total = sums["total"] / n
+    aux = None
+    if sums.get("aux_coef"):
+        aux = sums["aux"] / max(sums["micro_batches"], 1.0)
+        total += sums["aux_coef"] * aux
+    row = {"loss/total": total, "loss/ce": sums["ce"] / n, "loss/kl": sums["kd"] / n, "lr": lr,
            "grad_norm": float("nan") if grad_norm is None else float(grad_norm),
            "tokens_per_sec": sums["global_seq_tokens"] / max(seconds, 1e-9), "tokens": sums["tokens"]}
     for k in models.StudentWithLoss.METRIC_KEYS:
         row[f"kd/{k}"] = sums[f"kd/{k}"] / n
+    if aux is not None:
+        row["loss/aux"] = aux
     return row
 
 
@@ -337,9 +428,9 @@ def export(run: Run) -> str:
 def run_eval(run: Run) -> Optional[dict]:
     """Held-out student (and teacher) metrics on data.eval_files, token-weighted over all ranks (collective).
 
-    The student runs through its engine (`hidden_only`), so ZeRO-3 gathers its layers as in training; the lm_heads
-    are gathered per batch inside evaluate. The teacher's hidden states are cached after the first call
-    (eval.cache_teacher). Returns None without eval files.
+    The student runs through its engine (`hidden_only`), so ZeRO-3 gathers its layers as in training; the heads
+    (lm_head, bias, the family's transform) are gathered per batch inside evaluate. The teacher's hidden states are
+    cached after the first call (eval.cache_teacher). Returns None without eval files.
     """
     if run.eval_dataset is None:
         return None
@@ -356,9 +447,9 @@ def run_eval(run: Run) -> Optional[dict]:
     try:
         return evaluate.evaluate(
             batches, student_hidden_fn=lambda ids, mask: eng(ids, mask, None, None, hidden_only=True),
-            student_weight=eng.module.lm_head_weight,
+            student_head=eng.module.head,
             teacher_hidden_fn=(lambda ids, mask: teacher(ids, mask)) if teacher is not None else None,
-            teacher_weight=teacher.module.lm_head_weight if teacher is not None else None,
+            teacher_head=teacher.module.head if teacher is not None else None,
             teacher_cache=run.teacher_eval_cache, vocab_size=run.loss_kwargs["vocab_size"],
             chunk_size=cfg.loss.chunk_size, device=engines.device(), gather=engines.gathered,
             all_reduce=engines.all_reduce_sum)
@@ -423,6 +514,14 @@ def train(run: Run, tracker: Tracker, watchdog: Optional[guards.Watchdog] = None
     if run.vocab_message:
         tracker.message(run.vocab_message)
     last: dict = {}
+    first = None  # (data position, RNG, micro-batches) of this process's first step, fetched for the probe
+    if run.state.step < cfg.train.max_steps:
+        pos0, rng0 = run.stream.samples_consumed, checkpoint.rng_state()
+        first = (pos0, rng0, [next(run.stream) for _ in range(cfg.train.grad_accum_steps)])
+        # once per process, before any eval or step (also after a resume): exit 2 when a head is not the model's
+        diffs = probe_heads(run, first[2][0])
+        tracker.message("head probe: the fused heads reproduce the models' own forwards (largest difference "
+                        + ", ".join(f"{k} {v:.2g}" for k, v in diffs.items()) + " of the largest logit)")
     if run.state.step == 0:
         eval_and_log(run, tracker)  # the student before training: the report's "before" column
     while run.state.step < cfg.train.max_steps:
@@ -431,8 +530,11 @@ def train(run: Run, tracker: Tracker, watchdog: Optional[guards.Watchdog] = None
         step = run.state.step + 1
         guard.begin(step)
         # data position and RNG before this step: what an abort's checkpoint of the last good step must hold
-        pos_before, rng_before = run.stream.samples_consumed, checkpoint.rng_state()
-        micro_batches = [next(run.stream) for _ in range(cfg.train.grad_accum_steps)]
+        if first is not None:
+            (pos_before, rng_before, micro_batches), first = first, None
+        else:
+            pos_before, rng_before = run.stream.samples_consumed, checkpoint.rng_state()
+            micro_batches = [next(run.stream) for _ in range(cfg.train.grad_accum_steps)]
         sums = train_step(run, micro_batches, guard=guard, before_step=None if guard.discards else
                           lambda _: guard.check_grads(eng.module.parameters()))
         try:

@@ -106,17 +106,17 @@ def main(argv=None) -> int:
         ds = data.build_dataset(args.data, args.format, tokenizer, args.max_length, args.text_field)
 
         def load(path):
-            """(hidden_fn, lm_head weight, rows): a plain HF model on this device, or a ZeRO-3 inference engine."""
+            """(hidden_fn, head, rows): a plain HF model on this device, or a ZeRO-3 inference engine."""
             if not args.zero3:
                 m = models.load_causal_lm(path, dtype=dtype).to(device).eval()
-                fn, w = evaluate.hf_parts(m)
-                return fn, w, w.shape[0]
+                fn, head = evaluate.hf_parts(m)
+                return fn, head, head.weight.shape[0]
             ds_cfg = engines.teacher_ds_config(args.teacher_ds_config, micro_batch_size=args.micro_batch_size,
                                                world_size=world, precision=precision, offload_params=False)
             m = engines.load_partitioned(lambda: models.load_causal_lm(path, dtype=dtype), ds_cfg)
             rows = models.vocab_rows(m)
             eng = engines.build_teacher_engine(models.TeacherHidden(m), ds_cfg)
-            return (lambda ids, mask: eng(ids, mask)), eng.module.lm_head_weight, rows
+            return (lambda ids, mask: eng(ids, mask)), eng.module.head, rows
 
         def batches():
             b = data.eval_batches(ds, rank=rank, world_size=world, micro_batch_size=args.micro_batch_size,
@@ -140,7 +140,7 @@ def main(argv=None) -> int:
             s_fn, s_w, s_rows = load(path)
             vocab_size, _ = vocab.reconcile_vocab(t_rows or s_rows, s_rows, len(tokenizer))
             results[name] = evaluate.evaluate(
-                batches(), student_hidden_fn=s_fn, student_weight=s_w, teacher_hidden_fn=t_fn, teacher_weight=t_w,
+                batches(), student_hidden_fn=s_fn, student_head=s_w, teacher_hidden_fn=t_fn, teacher_head=t_w,
                 teacher_cache=cache, vocab_size=vocab_size, chunk_size=args.chunk_size, device=device,
                 gather=gather, all_reduce=reduce)
             results[name]["model"] = path

@@ -64,7 +64,7 @@ def _eval(ds, student, teacher=None, *, mbs=3, rank=0, world=1, vocab_size=None,
     t_fn, t_w = evaluate.hf_parts(teacher) if teacher is not None else (None, None)
     return evaluate.evaluate(data.eval_batches(ds, rank=rank, world_size=world, micro_batch_size=mbs,
                                                pad_token_id=0),
-                             student_hidden_fn=s_fn, student_weight=s_w, teacher_hidden_fn=t_fn, teacher_weight=t_w,
+                             student_hidden_fn=s_fn, student_head=s_w, teacher_hidden_fn=t_fn, teacher_head=t_w,
                              teacher_cache=cache, vocab_size=vocab_size, chunk_size=chunk_size,
                              all_reduce=all_reduce or (lambda t: t))
 
@@ -156,8 +156,8 @@ def test_shards_reduce_by_sums_not_mean_of_means(tiny_assets, tok):
 
     s_fn, s_w = evaluate.hf_parts(student)
     second = evaluate.evaluate(data.eval_batches(ds, rank=0, world_size=1, micro_batch_size=3, pad_token_id=0),
-                               student_hidden_fn=s_fn, student_weight=s_w, teacher_hidden_fn=boom,
-                               teacher_weight=teacher.lm_head.weight, teacher_cache=cache, vocab_size=len(tok),
+                               student_hidden_fn=s_fn, student_head=s_w, teacher_hidden_fn=boom,
+                               teacher_head=evaluate.hf_parts(teacher)[1], teacher_cache=cache, vocab_size=len(tok),
                                chunk_size=7)
     assert second == first
 
@@ -178,7 +178,7 @@ s = AutoModelForCausalLM.from_pretrained(a["student"], dtype=torch.float32)
 t = AutoModelForCausalLM.from_pretrained(a["teacher"], dtype=torch.float32)
 (sf, sw), (tf, tw) = evaluate.hf_parts(s), evaluate.hf_parts(t)
 r = evaluate.evaluate(data.eval_batches(ds, rank=rank, world_size=world, micro_batch_size=1, pad_token_id=0),
-                      student_hidden_fn=sf, student_weight=sw, teacher_hidden_fn=tf, teacher_weight=tw,
+                      student_hidden_fn=sf, student_head=sw, teacher_hidden_fn=tf, teacher_head=tw,
                       vocab_size=len(tok), chunk_size=7)
 json.dump(r, open(a["out"] + f".{rank}", "w"))
 dist.barrier()

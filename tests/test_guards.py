@@ -208,8 +208,9 @@ def test_fully_masked_micro_batch_forwards_and_backwards_through_every_parameter
     labels = torch.full_like(ids, -100)
     kwargs = dict(vocab_size=1000, alpha=0.0, temperature=1.0, divergence="forward_kl", beta=0.5, skew_lambda=0.1,
                   impl="chunked", chunk_size=16, top_k=8)
-    total, ce, kd, tokens, _ = wrapper(ids, torch.ones_like(ids), labels, kwargs)
+    total, ce, kd, tokens, _, aux = wrapper(ids, torch.ones_like(ids), labels, kwargs)
     assert tokens.item() == 0 and total.item() == 0.0 and math.isfinite(ce.item())
+    assert aux.item() == 0.0  # a dense student has no router aux loss
     total.backward()
     missing = [n for n, p in wrapper.named_parameters() if p.grad is None]
     assert not missing, f"parameters outside the graph of a fully masked micro-batch: {missing}"
