@@ -579,12 +579,16 @@ def _dense_slab(s: Tensor, t: Tensor, lab: Tensor, o: _Opts, w: Tensor) -> Tenso
         log_q, log_p = s.sub_(log_zq), t.sub_(log_zp)
         if div == "jsd":
             b = o.beta
-            log_m = torch.mul(p, b, out=w[4]).add_(q, alpha=1 - b).clamp_min_(_TINY).log_()
-            kl_qm = -h_q - _rowdot(q, log_m, w[3])
-            kl_pm = -h_p - _rowdot(p, log_m, w[3])
+            # log m = logsumexp(log p + log b, log q + log(1 - b)): exact for a tiny b, where log(b p + (1 - b) q)
+            # of the probabilities loses the b p term to rounding
+            # of the probabilities loses the b p term to rounding. Both KLs are row dot products of log-ratios (not
+            # -H - <x, log m>, whose two terms of size log V cancel to a KL of size ~b)
+            log_qm = _log_mix_into(log_p, log_q, b, w[4], w[5]).neg_().add_(log_q)  # log q - log m
+            kl_qm = _rowdot(q, log_qm, w[3])
+            kl_pm = _rowdot(p, torch.sub(log_p, log_q, out=w[5]).add_(log_qm), w[3])  # <p, log p - log m>
             d = b * kl_pm + (1 - b) * kl_qm
             # dD/dz = (1 - b) q (log q - log m - KL(q || m))
-            g = log_m.neg_().add_(log_q).sub_(kl_qm[:, None]).mul_(q).mul_(1 - b)
+            g = log_qm.sub_(kl_qm[:, None]).mul_(q).mul_(1 - b)
         elif div in ("skew_forward_kl", "skew_reverse_kl") and o.skew_lambda == 1.0:
             d = torch.zeros_like(h_p)
             g = w[4].zero_()
@@ -618,6 +622,13 @@ def _dense_slab(s: Tensor, t: Tensor, lab: Tensor, o: _Opts, w: Tensor) -> Tenso
     out = torch.zeros(len(_STATS), dtype=torch.float64, device=s.device)
     out[0], out[1], out[2], out[3], out[4] = ce, d.sum(), agree, h_p.sum(), h_q.sum()
     return out
+
+
+def _log_mix_into(log_x: Tensor, log_y: Tensor, w: float, out: Tensor, scratch: Tensor) -> Tensor:
+    """log(w * x + (1 - w) * y) [r, V] from log-probs as one log-sum-exp, in `out` (0 < w < 1; `scratch` is
+    clobbered)."""
+    torch.add(log_x, math.log(w), out=out)
+    return torch.logaddexp(out, torch.add(log_y, math.log1p(-w), out=scratch), out=out)
 
 
 def _topk_slab(s: Tensor, t: Tensor | None, ids: Tensor | None, lp1: Tensor | None, lab: Tensor,
