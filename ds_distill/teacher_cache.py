@@ -6,7 +6,8 @@ Layout of a cache directory (written by `launch/cache_teacher.py`, read by the t
     index.json               sample_id -> (shard, first row, number of rows), written once every shard is in
     shards/<name>.safetensors
         ids        [P, k] int32    top-k token ids per position, sorted by decreasing probability
-        logprobs   [P, k] fp16/bf16/fp32   log-probabilities at T = 1, normalised over the FULL real vocabulary
+        logprobs   [P, k] fp16/bf16/fp32   log-probabilities at the manifest's temperature (the run's
+                                           loss.temperature), normalised over the FULL real vocabulary
                                            [0, vocab_size) (so the tail mass is 1 - sum(exp(logprobs)))
         sample_ids [n] int64, offsets [n] int64, lengths [n] int64   the shard's own index (rows of each sample)
 
@@ -328,20 +329,24 @@ class TopKCache:
         self.vocab_size = int(manifest["vocab_size"])
         self._handles: OrderedDict[int, object] = OrderedDict()  # open shards, least recently used first
 
-    def verify(self, *, tokenizer_fp: str, data_fp: str, max_length: int, top_k: int,
+    def verify(self, *, tokenizer_fp: str, data_fp: str, max_length: int, top_k: int, temperature: float,
                vocab_size: Optional[int] = None) -> int:
         """Refuse a cache made for another run; returns the number of columns to use (min(top_k, cached k)).
 
         A loss.top_k above the cached k is refused unless the cache holds the whole vocabulary.
         """
         m = self.manifest
-        run = {"tokenizer_fingerprint": tokenizer_fp, "data_fingerprint": data_fp, "max_length": max_length}
+        # temperature: the cached top-k and its tail mass are those of softmax(logits / T); another T's tail mass
+        # cannot be recovered from them
+        run = {"tokenizer_fingerprint": tokenizer_fp, "data_fingerprint": data_fp, "max_length": max_length,
+               "temperature": float(temperature)}
         if vocab_size is not None:
             run["vocab_size"] = vocab_size
         problems = manifest_differences(m, run)
         hints = {"tokenizer_fingerprint": "tokenizer_path", "data_fingerprint": "data.train_files / data.format / "
                  "data.text_field / the tokenizer", "max_length": "data.max_length",
-                 "vocab_size": "the tokenizer / the models' vocabularies"}
+                 "vocab_size": "the tokenizer / the models' vocabularies",
+                 "temperature": "loss.temperature: the cache holds log-probs at the temperature it was written at"}
         problems = [f"{p} (set by {hints[p.split(':')[0]]})" for p in problems]
         if top_k > self.k and self.k < self.vocab_size:
             problems.append(f"top_k: cache {self.k}, run loss.top_k {top_k} (a cache cannot give more tokens than "
@@ -492,7 +497,8 @@ def write_cache(cfg, cache_dir: str, *, top_k: int, dtype: str = "fp16", micro_b
     decision: object = None
     if rank == 0:
         manifest = {
-            "format": FORMAT, "version": VERSION, "complete": False, "top_k": top_k, "temperature": 1.0,
+            "format": FORMAT, "version": VERSION, "complete": False, "top_k": top_k,
+            "temperature": float(cfg.loss.temperature),
             "dtype": dtype, "ids_dtype": "int32", "bytes_per_token": top_k * (4 + value_bytes),
             "vocab_size": vocab_size, "teacher_vocab_rows": t_rows, "max_length": cfg.data.max_length,
             "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer), "data_fingerprint": data_fingerprint(train_ds),
@@ -569,7 +575,7 @@ def write_cache(cfg, cache_dir: str, *, top_k: int, dtype: str = "fp16", micro_b
                 h = hidden[:, :-1][valid]  # [P, H], sample by sample
                 with engines.gathered([engine.module.lm_head_weight]):
                     ids, lps = topk_logprobs(h, engine.module.lm_head_weight, vocab_size=vocab_size, k=top_k,
-                                             chunk_size=cfg.loss.chunk_size)
+                                             temperature=manifest["temperature"], chunk_size=cfg.loss.chunk_size)
             start = 0
             for sid, n in zip(batch["sample_ids"].tolist(), (am.sum(1) - 1).tolist()):
                 if sid >= 0:

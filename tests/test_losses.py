@@ -190,10 +190,10 @@ def test_topk_tail_bucket_matches_independent_reference(divergence, temperature)
     assert out.kd.item() <= full.kd.item() * (1 + 1e-6)
 
 
-def teacher_cache(ht, wt, labels, k):
-    """What an offline cache holds: the teacher's top-k ids and full-vocabulary log-probs at T = 1."""
+def teacher_cache(ht, wt, labels, k, temperature=1.0):
+    """What an offline cache holds: the teacher's top-k ids and full-vocabulary log-probs at the loss temperature."""
     t = ht.double() @ wt.double()[:V].T
-    lp = F.log_softmax(t, -1)
+    lp = F.log_softmax(t / temperature, -1)
     vals, ids = lp.topk(k, dim=1)
     return ids, vals.float()
 
@@ -385,3 +385,20 @@ def test_jsd_small_beta_gradient_matches_fp64():
         assert rel_err(out.total, ref_total) <= tol / 10, beta
         assert rel_err(gh, ref_gh) <= tol, (beta, rel_err(gh, ref_gh))
         assert rel_err(gw, ref_gw) <= tol, (beta, rel_err(gw, ref_gw))
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "jsd"])
+def test_topk_from_cache_at_temperature_2_equals_online(divergence):
+    """A cache written at T = 2 (top-k log-probs at T, tail = 1 - their mass) gives online top-k's loss at T = 2.
+    (A T = 1 cache tempered afterwards cannot: the tail's mass at T depends on tokens it dropped.)"""
+    hs, ws, ht, wt, labels = make_inputs(seed=6)
+    kw = dict(divergence=divergence, alpha=0.5, temperature=2.0, beta=0.3, chunk_size=9)
+    online, gh_on, gw_on = run("topk", hs, ws, ht, wt, labels, top_k=5, **kw)
+    h, w = hs.clone().requires_grad_(True), ws.clone().requires_grad_(True)
+    cached = distill_loss(h, w, labels, teacher_topk=teacher_cache(ht, wt, labels, 5, temperature=2.0),
+                          vocab_size=V, impl="topk", **kw)
+    (0.5 * cached.total).backward()
+    assert_close_rel(cached.total, online.total, 1e-5)
+    assert_close_rel(cached.kd, online.kd, 1e-5)
+    assert_close_rel(h.grad, gh_on, 1e-5)
+    assert_close_rel(w.grad, gw_on, 1e-5)
