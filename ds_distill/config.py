@@ -246,6 +246,15 @@ class DistillConfig:
     def resolved_tokenizer_path(self) -> Optional[str]:
         return self.tokenizer_path or self.teacher.path or self.student.path
 
+    @property
+    def tokenizer_trust_remote_code(self) -> bool:
+        """trust_remote_code for the tokenizer at resolved_tokenizer_path: that of the model whose directory it is
+        (each flag covers its own model only; a separate tokenizer_path never runs custom code)."""
+        path = self.resolved_tokenizer_path
+        same = (lambda a, b: a is not None and b is not None and os.path.abspath(a) == os.path.abspath(b))
+        return (same(path, self.teacher.path) and self.teacher.trust_remote_code) or \
+            (same(path, self.student.path) and self.student.trust_remote_code)
+
 
 def validate(cfg: DistillConfig, world_size: Optional[int] = None) -> None:
     """Check the config's semantics in one pass; raise one ConfigError naming every bad key and its fix."""

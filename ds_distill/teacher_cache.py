@@ -476,7 +476,7 @@ def write_cache(cfg, cache_dir: str, *, top_k: int, dtype: str = "fp16", micro_b
     T = cfg.train
     mb = micro_batch_size or T.micro_batch_size
     models.check_model_dir(cfg.teacher.path, "teacher.path", cfg.teacher.allow_pickle_weights)
-    trust = cfg.teacher.trust_remote_code or cfg.student.trust_remote_code
+    trust = cfg.tokenizer_trust_remote_code
     tokenizer = models.load_tokenizer(cfg.resolved_tokenizer_path, trust)
     if cfg.resolved_tokenizer_path != cfg.teacher.path:
         vocab.check_tokenizers_compatible(models.load_tokenizer(cfg.teacher.path, cfg.teacher.trust_remote_code),
