@@ -151,6 +151,11 @@ def apply_schedule_changes(cfg: DistillConfig, engine, state: checkpoint.ResumeS
             + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items())]
 
 
+def _has_tokenizer(path: str) -> bool:
+    return any(os.path.isfile(os.path.join(path, n)) for n in ("tokenizer.json", "tokenizer_config.json",
+                                                                "tokenizer.model", "vocab.json"))
+
+
 def _declared_vocab_rows(path: str) -> Optional[int]:
     """lm_head rows a model directory's config.json declares (its text config's vocab_size), or None."""
     try:
@@ -191,6 +196,15 @@ def build(cfg: DistillConfig) -> Run:
                 models.load_tokenizer(cfg.student.path, cfg.student.trust_remote_code))
         except ModelError as e:
             raise ModelError(f"{pair}: {e}") from None
+    if cfg.tokenizer_path:  # a separate tokenizer must give the models' own ids, not just as many of them
+        key, ref = ("teacher.path", cfg.teacher.path) if cfg.teacher.path else ("student.path", cfg.student.path)
+        if _has_tokenizer(ref):
+            trust = cfg.teacher.trust_remote_code if cfg.teacher.path else cfg.student.trust_remote_code
+            try:
+                vocab.check_tokenizers_compatible(models.load_tokenizer(ref, trust), tokenizer)
+            except ModelError as e:
+                raise ModelError(f"tokenizer_path '{cfg.tokenizer_path}' does not match the tokenizer of {key} "
+                                 f"'{ref}' (compared as teacher = {key}, student = tokenizer_path): {e}") from None
     # lm_head rows as declared in config.json: a vocabulary mismatch or loss.top_k beyond the vocabulary fails here,
     # before any engine is built (checked again below with the loaded weights' real row counts)
     s_rows = _declared_vocab_rows(cfg.student.path)
