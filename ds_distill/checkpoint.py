@@ -359,16 +359,17 @@ def select_resume(ckpt_root: str, resume: str, notice) -> Optional[str]:
 
 
 def set_aside_after(ckpt_root: str, path: str) -> list[str]:
-    """Rank 0: the run continues from checkpoint `path`; move this run's checkpoints of later steps (an abandoned
-    branch) into ckpt_root/set_aside/ and point `latest` at `path` when it is one of this run's. Returns the moved
-    directories' new paths. Nothing is deleted."""
+    """Rank 0: the run continues from checkpoint `path`; move this run's complete checkpoints of later steps (an
+    abandoned branch) into ckpt_root/set_aside/ and point `latest` at `path` when it is one of this run's. Returns
+    the moved directories' new paths. Nothing is deleted (incomplete directories are replaced when their step is
+    saved again)."""
     if not os.path.isdir(ckpt_root):
         return []
     tag = os.path.basename(path.rstrip("/"))
     own = _inside(path, ckpt_root)
     moved = []
     for d in sorted(os.listdir(ckpt_root)):
-        if d.startswith("step_") and d > tag and os.path.isdir(os.path.join(ckpt_root, d)):
+        if d.startswith("step_") and d > tag and os.path.isfile(os.path.join(ckpt_root, d, COMPLETE)):
             dest_root = os.path.join(ckpt_root, SET_ASIDE)
             os.makedirs(dest_root, mode=0o700, exist_ok=True)
             dest, n = os.path.join(dest_root, d), 1
