@@ -234,6 +234,27 @@ class ShardWriter:
         self._clear()
 
 
+def shard_problem(path: str) -> Optional[str]:
+    """Why a shard file cannot be read whole ('is missing', 'is truncated ...'), or None. Reads only the
+    safetensors header (8-byte length + JSON): the data must end exactly at the end of the file."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if size < 8 or n > size - 8:
+                return f"is truncated ({size} bytes: not even its header)"
+            header = json.loads(f.read(n))
+    except FileNotFoundError:
+        return "is missing"
+    except (OSError, ValueError) as e:
+        return f"cannot be read ({e})"
+    end = 8 + n + max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if end != size:
+        return f"is truncated ({size} bytes, its header needs {end})" if size < end else \
+            f"has {size - end} bytes more than its header describes"
+    return None
+
+
 def shard_paths(cache_dir: str) -> list[str]:
     return sorted(glob.glob(os.path.join(cache_dir, SHARDS, "*.safetensors")))
 
@@ -321,6 +342,12 @@ class TopKCache:
         with open(os.path.join(cache_dir, INDEX)) as f:
             index = json.load(f)
         self.shards = [os.path.join(cache_dir, SHARDS, n) for n in index["shards"]]
+        for path in self.shards:  # found now, naming the file, not at the first step that reads a missing row
+            why = shard_problem(path)
+            if why:
+                raise DistillError(f"teacher.cache: shard {path} {why} -> delete that shard and re-run "
+                                   "launch/cache_teacher.py with the same arguments (it recomputes its samples), or "
+                                   "write the cache again")
         # sorted arrays, not a dict: 8 bytes x 4 per sample (a dict of 10M samples would take ~1 GB per rank)
         self._sids = np.asarray(index["sample_ids"], dtype=np.int64)
         self._loc = np.stack([np.asarray(index[key], dtype=np.int64) for key in ("shard", "offset", "length")], 1)

@@ -255,3 +255,25 @@ def test_tokenizer_trust_follows_its_own_model(tmp_path):
                                 str(tmp_path / "s")]).tokenizer_trust_remote_code
     assert not parse_config(base + ["--teacher.trust_remote_code", "true", "--tokenizer_path",
                                     str(tmp_path / "tok")]).tokenizer_trust_remote_code
+
+
+def test_truncated_cache_shard_is_found_when_the_cache_opens(tmp_path):
+    """A damaged shard of a complete cache is named when training starts, not at the step that reads it."""
+    import torch
+
+    from ds_distill import teacher_cache as tc
+    from ds_distill.errors import DistillError
+
+    d = tmp_path / "cache"
+    w = tc.ShardWriter(str(d), rank=0, dtype="fp16", shard_positions=4)
+    for sid in range(4):
+        w.add(sid, torch.arange(6, dtype=torch.int32).reshape(3, 2), -torch.rand(3, 2))
+    w.flush()
+    tc.build_index(str(d), {sid: 3 for sid in range(4)})
+    tc.write_manifest(str(d), {"format": tc.FORMAT, "version": tc.VERSION, "complete": True, "top_k": 2,
+                               "vocab_size": 6, "temperature": 1.0})
+    assert len(tc.TopKCache(str(d))) == 4
+    shard = Path(tc.shard_paths(str(d))[1])
+    shard.write_bytes(shard.read_bytes()[:-10])
+    with pytest.raises(DistillError, match=f"teacher.cache: shard {shard} is truncated"):
+        tc.TopKCache(str(d))
