@@ -170,6 +170,7 @@ class StepGuard:
         self.watchdog = watchdog
         self.step = 0  # the step in progress (1-based), set by the loop
         self.bad_ranks: list[int] = []
+        self.teacher_side = False  # the non-finite values were in the KD term only (finite CE): the teacher's
         self.stop_requested = False
         self.checked = False
 
@@ -188,13 +189,16 @@ class StepGuard:
         backpropagated. Returns the loss to backpropagate (NaN-poisoned when any rank's loss is not finite).
         """
         flags = torch.zeros(self.world_size + 1, dtype=torch.float64, device=self.device)
-        if not bool(torch.isfinite(local_sums[:3]).all()):
-            flags[self.rank] = 1.0
+        finite = torch.isfinite(local_sums[:3]).tolist()  # total, ce, kd
+        if not all(finite):
+            # 2: the KD term alone (the student's CE is finite, so its logits are): the teacher's side is the cause
+            flags[self.rank] = 2.0 if finite[1] and not finite[2] else 1.0
         if sigterm_requested():
             flags[self.world_size] = 1.0
         self.all_reduce_sum(flags)
         f = flags.tolist()  # host sync (the step's other all-reduces sync anyway)
         self.bad_ranks = [r for r in range(self.world_size) if f[r] > 0]
+        self.teacher_side = bool(self.bad_ranks) and all(f[r] == 2.0 for r in self.bad_ranks)
         self.stop_requested = f[self.world_size] > 0
         self.checked = True
         if self.watchdog is not None:
@@ -237,6 +241,11 @@ class StepGuard:
         raise NonFiniteError(self._message(what))
 
     def _message(self, what: str) -> str:
+        if self.teacher_side:
+            return (f"step {self.step}: {what}, in the KD term only (the student's CE is finite): the teacher's "
+                    "outputs are not finite; the optimizer did not update the weights -> check the teacher "
+                    "(teacher.path: NaN/inf in its weights, or fp16 overflow: use bf16 or fp32; teacher.cache: "
+                    "its log-probs), e.g. with launch/eval.py --teacher; a lower train.lr does not help")
         return (f"step {self.step}: {what}; the optimizer did not update the weights -> lower train.lr, check the "
                 "data of this step, or set train.nonfinite: skip to skip such steps "
                 f"(up to train.max_skipped_steps)")
