@@ -277,3 +277,51 @@ def test_truncated_cache_shard_is_found_when_the_cache_opens(tmp_path):
     shard.write_bytes(shard.read_bytes()[:-10])
     with pytest.raises(DistillError, match=f"teacher.cache: shard {shard} is truncated"):
         tc.TopKCache(str(d))
+
+
+@pytest.mark.multirank  # two real processes (single-rank)
+def test_disk_full_during_the_final_export_exits_2_then_rerun_exports(tiny_assets, tmp_path):
+    """The export is staged in final.partial and renamed: a full disk leaves no final/ without weights, exits 2, and
+    the same command, once there is space, resumes at max_steps and only exports (root: mounts a small tmpfs)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    mnt = tmp_path / "small_disk"
+    mnt.mkdir()
+    # the final checkpoint of the tiny student on 1 rank (~770 KB) fits in 900 KB, the export (~290 KB) then not
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=900k", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+    try:
+        out = mnt / "out"
+        cfg = tiny_config(tiny_assets, out, train={"max_steps": 2, "micro_batch_size": 2, "grad_accum_steps": 1},
+                          checkpoint={"every_steps": 0, "keep_last": 1, "resume": "auto"})
+        cfg["data"]["eval_files"] = []
+        y = write_yaml(cfg, tmp_path / "c.yaml")
+        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+        env.update({"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+
+        def train():
+            return subprocess.run([sys.executable, str(ROOT / "launch" / "train.py"), "--config", y],
+                                  capture_output=True, text=True, timeout=400, cwd=ROOT,
+                                  env={**env, "MASTER_PORT": str(free_port())})
+
+        proc = train()
+        err = proc.stderr
+        assert proc.returncode == 2, err[-4000:]
+        assert "Traceback" not in err and "cannot write the final export" in err and "run the same command" in err
+        assert not (out / "final").exists() and not (out / "final.partial").exists()
+        assert (out / "checkpoints" / "step_00000002" / "COMPLETE").is_file()
+        subprocess.run(["mount", "-o", "remount,size=4m", str(mnt)], check=True)
+        proc = train()
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        assert "no step left to train" in proc.stderr
+        from safetensors.torch import load_file
+
+        assert len(load_file(str(out / "final" / "model.safetensors"))) > 0
+    finally:
+        for _ in range(5):
+            if subprocess.run(["umount", str(mnt)], capture_output=True).returncode == 0:
+                break
+            time.sleep(1.0)
+        else:
+            subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
