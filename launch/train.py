@@ -6,8 +6,9 @@
 
 `--help` lists every key with its documentation; `--print_config` prints the resolved config and exits.
 Exit codes: 0 done; 2 a problem the user must fix: config / data / model directories / output_dir / a full disk /
-a non-finite loss or gradient (the message names the key or file; nothing was overwritten); 143 preempted (SIGTERM:
-every rank saved a checkpoint at the next step boundary, run the same command to resume); 3 the watchdog
+a non-finite loss or gradient (the message names the key or file; nothing was overwritten); 143 preempted (SIGTERM,
+or the launcher ended: every rank saved a checkpoint at the next step boundary, run the same command to resume);
+3 the watchdog
 (train.watchdog_timeout_s: a collective was stuck, each rank printed its stack); 1 otherwise (a bug: traceback).
 Under the deepspeed launcher its own exit code is what the shell sees (it passes on the first failing rank's code).
 """
