@@ -68,9 +68,8 @@ def check_output_dir(cfg: DistillConfig, rank: int) -> bool:
         return False
     ckpt_root = os.path.join(out, "checkpoints")
     latest = checkpoint.find_latest(ckpt_root)
-    explicit = cfg.checkpoint.resume not in ("auto", "never")
     fix = "choose a new output_dir, or set overwrite_output_dir: true to replace it"
-    if cfg.checkpoint.resume == "auto" and latest or explicit and latest:
+    if latest and cfg.checkpoint.resume != "never":  # auto, or an explicit path into this output_dir
         saved = ((checkpoint.read_resume_json(latest) or {}).get("extra") or {}).get("run") or {}
         diffs = [f"{k}: {saved[k]!r} there, {v!r} now" for k, v in run_identity(cfg).items()
                  if k in saved and saved[k] != v]
@@ -305,8 +304,9 @@ def build(cfg: DistillConfig) -> Run:
         moved = checkpoint.set_aside_after(ckpt_root, resume_from) if rank == 0 else []
         engines.barrier()
         if moved:
+            names = ", ".join(map(os.path.basename, moved))
             notices.append(f"continuing from {resume_from}: the later checkpoints of the abandoned branch were moved "
-                           f"to {os.path.join(ckpt_root, checkpoint.SET_ASIDE)} ({', '.join(map(os.path.basename, moved))})")
+                           f"to {os.path.join(ckpt_root, checkpoint.SET_ASIDE)} ({names})")
         notices += apply_schedule_changes(cfg, student_engine, state)
     if len(train_ds) < world:  # checked here so that every rank raises it (the stream would fail on some only)
         raise data.DataError(f"data.train_files: {len(train_ds)} usable training samples cannot feed {world} ranks "

@@ -275,7 +275,8 @@ def clear_out(out: Path) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default=str(ROOT / "runs" / "demo"), help="output directory: new, empty, or an earlier demo's (only the demo's own files are replaced)")
+    ap.add_argument("--out", default=str(ROOT / "runs" / "demo"),
+                    help="output directory: new, empty, or an earlier demo's (only the demo's files are replaced)")
     ap.add_argument("--quick", action="store_true", help="reduced sizes (~3 min): checks the plumbing only")
     ap.add_argument("--teacher_steps", type=int)
     ap.add_argument("--student_steps", type=int)
