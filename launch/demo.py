@@ -262,8 +262,9 @@ MARKER = ".ds_distill_demo"
 
 def clear_out(out: Path) -> None:
     """Empty `out` of an earlier demo's files, and only those: --out may be any directory (even `.`), so a
-    non-empty directory without the demo's marker file is refused instead of deleted."""
-    if out.exists() and any(out.iterdir()) and not (out / MARKER).is_file():
+    directory holding anything else and no marker file of the demo is refused instead of deleted."""
+    foreign = [p.name for p in out.iterdir() if p.name not in DEMO_NAMES] if out.exists() else []
+    if foreign and not (out / MARKER).is_file():
         raise SystemExit(f"[demo] error: --out '{out}' is not empty and was not made by the demo (no {MARKER}) -> "
                          "give a new or empty directory")
     for name in DEMO_NAMES:
