@@ -185,7 +185,8 @@ def test_cache_write_resume_train_and_refuse(tiny_assets, tmp_path):
     ref, wref = res["refusals"], res["writer_refusals"]
     assert "max_length: cache 64, run 48" in ref["max_length"]
     assert "data_fingerprint" in ref["data"] and "max_length" not in ref["data"]
-    assert "tokenizer_fingerprint" in ref["tokenizer"]
+    # another tokenizer_path is now refused before the cache is opened: its ids differ from the student's own
+    assert "tokenizer_path" in ref["tokenizer"] and "does not match the tokenizer of student.path" in ref["tokenizer"]
     assert "top_k: cache 64, run loss.top_k 128" in ref["top_k"]
     assert "temperature: cache 2.0, run 1.0" in ref["temperature"] and "loss.temperature" in ref["temperature"]
     assert f"top_k: cache {V}, run 64" in wref["k"] and "dtype" not in wref["k"]
