@@ -7,10 +7,16 @@ its own argv, environment, output files and master port, and exits with main()'s
 2, exactly one "[ds_distill] error:" line, no traceback, the message names the key or file, and the case's directory
 (config, data, model directories, output_dir) is byte for byte what it was before.
 
+The checkpoint cases plant a complete-looking checkpoint whose DeepSpeed pickles would create the file `code_ran`
+in the case's directory when unpickled: the unchanged digest shows that no code ran (on main it did). The
+overwrite case checks that overwrite_output_dir deletes nothing when the data fails; the port case holds a port
+open in this test process while the child is told to use it.
+
 Covered elsewhere: NaN loss, SIGTERM and SIGKILL of one rank (tests/test_resume.py, with exact resume afterwards),
-a stalled rank (tests/test_guards.py). Here too: the disk filling up during a checkpoint, on a tmpfs the test mounts
+a stalled rank (tests/test_guards.py), a rank failing alone, the launcher stopped, rollback and a full disk during
+the export (tests/test_failures.py). Here too: the disk filling up during a checkpoint, on a tmpfs the test mounts
 (root only), and one case through a plain `python launch/train.py` process (the exit code as the shell sees it).
-Runtime: about 30 s for the forked cases, about 1 min for the disk-full run.
+Runtime: about 40 s for the forked cases, about 1 min for the disk-full run.
 """
 import hashlib
 import json
