@@ -272,8 +272,11 @@ def use_safe_checkpoint_loading(engine) -> None:
     from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
 
     if type(engine.checkpoint_engine) is not TorchCheckpointEngine:
-        raise RuntimeError(f"unexpected DeepSpeed checkpoint engine {type(engine.checkpoint_engine).__name__}: "
-                           "only the torch engine's files are known to load with weights_only")
+        from .errors import ConfigError
+
+        raise ConfigError([f"ds_config_overrides: DeepSpeed checkpoint engine "
+                           f"{type(engine.checkpoint_engine).__name__} -> remove the checkpoint engine setting: only "
+                           "the torch engine's files are known to load without unpickling (weights_only)"])
     engine.checkpoint_engine = _weights_only_checkpoint_engine(engine._config)
 
 
