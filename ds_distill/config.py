@@ -110,7 +110,9 @@ class LossConfig:
     beta: float = 0.5
     """Interpolation weight of the generalised JSD (loss.divergence = jsd)."""
     skew_lambda: float = 0.1
-    """Skew of DistiLLM's skew KL: the student side is mixed as lambda * p + (1 - lambda) * q."""
+    """Skew of DistiLLM's skew KLs, lambda: skew_forward_kl = KL(p || lambda * p + (1 - lambda) * q) (the student
+    side mixed with the teacher); skew_reverse_kl = KL(q || lambda * q + (1 - lambda) * p) (the teacher side mixed
+    with the student). p = teacher, q = student; lambda = 0 gives forward_kl / reverse_kl."""
 
 
 @dataclass
@@ -235,12 +237,23 @@ class DistillConfig:
     """Where checkpoints, metrics.jsonl, the final export and the report go."""
     overwrite_output_dir: bool = False
     """Allow starting a fresh run in an output_dir that holds a different run (its files are replaced)."""
-    ds_config_overrides: dict[str, Any] = field(default_factory=dict)
-    """Extra keys merged into the student's generated DeepSpeed config (advanced; e.g. zero_optimization buckets)."""
+    # plain `dict`, not dict[str, Any]: jsonargparse would import and instantiate any value holding a `class_path`
+    ds_config_overrides: dict = field(default_factory=dict)
+    """Extra keys merged into the student's generated DeepSpeed config (advanced; e.g. zero_optimization buckets).
+    Plain JSON values only: a `class_path` anywhere is refused."""
 
     @property
     def resolved_tokenizer_path(self) -> Optional[str]:
         return self.tokenizer_path or self.teacher.path or self.student.path
+
+    @property
+    def tokenizer_trust_remote_code(self) -> bool:
+        """trust_remote_code for the tokenizer at resolved_tokenizer_path: that of the model whose directory it is
+        (each flag covers its own model only; a separate tokenizer_path never runs custom code)."""
+        path = self.resolved_tokenizer_path
+        same = (lambda a, b: a is not None and b is not None and os.path.abspath(a) == os.path.abspath(b))
+        return (same(path, self.teacher.path) and self.teacher.trust_remote_code) or \
+            (same(path, self.student.path) and self.student.trust_remote_code)
 
 
 def validate(cfg: DistillConfig, world_size: Optional[int] = None) -> None:
@@ -331,6 +344,9 @@ def validate(cfg: DistillConfig, world_size: Optional[int] = None) -> None:
             p.append(f"student.lora.dropout: {cfg.student.lora.dropout} must be in [0, 1)")
         if not cfg.student.lora.target_modules:
             p.append("student.lora.target_modules: empty -> name the linear modules, e.g. [q_proj, v_proj]")
+    for where in _class_paths(cfg.ds_config_overrides, "ds_config_overrides"):
+        p.append(f"{where}: a class_path is not a DeepSpeed setting (it would name code to import) -> give plain "
+                 "JSON values")
     for key, path in (("teacher.path", cfg.teacher.path), ("student.path", cfg.student.path),
                       ("tokenizer_path", cfg.tokenizer_path), ("teacher.cache", cfg.teacher.cache)):
         if path is not None and not os.path.isdir(path):
@@ -339,6 +355,18 @@ def validate(cfg: DistillConfig, world_size: Optional[int] = None) -> None:
         p.append(f"teacher.ds_config: '{cfg.teacher.ds_config}' does not exist -> e.g. ds_configs/teacher_zero3.json")
     if p:
         raise ConfigError(p)
+
+
+def _class_paths(value, where: str) -> list[str]:
+    """Dotted keys under which `value` holds a class_path (or init_args) entry."""
+    if isinstance(value, dict):
+        out = [f"{where}.{k}" for k in value if k in ("class_path", "init_args")]
+        for k, v in value.items():
+            out += _class_paths(v, f"{where}.{k}")
+        return out
+    if isinstance(value, list):
+        return [w for i, v in enumerate(value) for w in _class_paths(v, f"{where}[{i}]")]
+    return []
 
 
 def to_dict(cfg: DistillConfig) -> dict:

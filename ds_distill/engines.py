@@ -53,7 +53,17 @@ def init_distributed(timeout_s: float = 1800.0) -> tuple[int, int, int]:
     os.environ.setdefault("MASTER_PORT", "29500")
     if not dist.is_initialized():
         skip_cpu_shm_op()
-        deepspeed.init_distributed(timeout=datetime.timedelta(seconds=timeout_s))
+        try:
+            deepspeed.init_distributed(timeout=datetime.timedelta(seconds=timeout_s))
+        except Exception as e:  # noqa: BLE001 -- only the port-in-use case becomes a user error
+            if "address already in use" not in str(e).lower() and "EADDRINUSE" not in str(e):
+                raise
+            from .errors import DistillError
+
+            raise DistillError(
+                f"MASTER_PORT: {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} is already in use (another "
+                "run on this machine?) -> pick a free port: deepspeed --master_port N, torchrun --master_port N, "
+                "or MASTER_PORT=N for a single process") from None
     local_rank = int(os.environ["LOCAL_RANK"])
     if get_accelerator().device_name() != "cpu":
         get_accelerator().set_device(local_rank)
@@ -225,7 +235,73 @@ def build_student_engine(model: torch.nn.Module, ds_config: dict, *, warmup_step
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=params, config=ds_config,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, fn))
+    use_safe_checkpoint_loading(engine)
     return engine
+
+
+class CheckpointFileError(Exception):
+    """A DeepSpeed checkpoint file this rank could not load: `refused` when its pickle names a global outside
+    CHECKPOINT_ALLOWED_GLOBALS (nothing of it was run), otherwise unreadable (truncated, corrupt)."""
+
+    def __init__(self, path: str, reason: str, refused: bool):
+        self.path, self.reason, self.refused = path, reason, refused
+        super().__init__(f"{path}: {reason}")
+
+
+def checkpoint_allowed_globals() -> list:
+    """The only non-tensor classes DeepSpeed 0.19 writes into its checkpoint pickles (ZeRO 0-3, fp32 / bf16 / fp16:
+    found by loading each with weights_only=True): torch.load(weights_only=True) rebuilds these and plain containers,
+    numbers, strings and tensors, and refuses anything else before running it."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
+
+
+def load_checkpoint_file(path: str, map_location=None):
+    """torch.load of one DeepSpeed checkpoint file without arbitrary unpickling (see checkpoint_allowed_globals)."""
+    import pickle
+
+    try:
+        with torch.serialization.safe_globals(checkpoint_allowed_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()
+        what = next((line.strip() for line in first if "GLOBAL" in line or "Unsupported" in line), first[0] if first
+                    else "unsupported content")
+        raise CheckpointFileError(path, f"refused: its pickle needs more than tensors and DeepSpeed's own state "
+                                  f"({what}); it was not run", refused=True) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CheckpointFileError(path, f"unreadable ({reason})", refused=False) from None
+
+
+def _weights_only_checkpoint_engine(config_params):
+    from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+
+    class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
+        """DeepSpeed's torch checkpoint engine, loading with torch.load(weights_only=True) and an allow-list."""
+
+        def load(self, path: str, map_location=None):
+            return load_checkpoint_file(path, map_location)
+
+    return WeightsOnlyCheckpointEngine(config_params)  # the run's serialization settings, as DeepSpeed's
+
+
+def use_safe_checkpoint_loading(engine) -> None:
+    """Make `engine.load_checkpoint` read every file through load_checkpoint_file (DeepSpeed's own torch engine
+    unpickles with weights_only=False: whoever can write the checkpoint directory would run code on every rank).
+    Saving is unchanged (the same torch.save)."""
+    from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+
+    if type(engine.checkpoint_engine) is not TorchCheckpointEngine:
+        from .errors import ConfigError
+
+        raise ConfigError([f"ds_config_overrides: DeepSpeed checkpoint engine "
+                           f"{type(engine.checkpoint_engine).__name__} -> remove the checkpoint engine setting: only "
+                           "the torch engine's files are known to load without unpickling (weights_only)"])
+    engine.checkpoint_engine = _weights_only_checkpoint_engine(engine._config)
 
 
 def build_teacher_engine(model: torch.nn.Module, ds_config: dict):
@@ -340,10 +416,42 @@ def broadcast_object(obj, src: int = 0):
     return obj
 
 
-def shutdown() -> None:
-    """Barrier, then destroy the process group (without it teardown aborts about 1 run in 12, NOTES.md)."""
-    if dist.is_initialized():
+def all_gather_object(obj) -> list:
+    """[obj of rank 0, obj of rank 1, ...] on every rank (JSON-able values between our own ranks)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        out = [None] * dist.get_world_size()
+        dist.all_gather_object(out, obj)
+        return out
+    return [obj]
+
+
+def is_peer_failure(e: BaseException) -> bool:
+    """True when `e` is a collective that broke because another rank went away (gloo / NCCL connection errors)."""
+    if isinstance(e, getattr(dist, "DistBackendError", ())) or isinstance(e, getattr(dist, "DistNetworkError", ())):
+        return True
+    text = str(e)
+    return isinstance(e, RuntimeError) and any(m in text for m in (
+        "Connection closed by peer", "Connection reset by peer", "Broken pipe", "[gloo", "gloo/transport",
+        "NCCL communicator was aborted", "ProcessGroupGloo", "ProcessGroupNCCL"))
+
+
+def shutdown(failed: bool = False) -> None:
+    """End the process group. A clean end waits in a barrier first (without it teardown aborts about 1 run in 12,
+    NOTES.md); after an error there is no barrier: a peer may be dead or waiting in another collective, and this
+    rank must exit (and print) now, not when the process-group timeout fires."""
+    if not dist.is_initialized():
+        return
+    if failed:
+        abort = getattr(dist.distributed_c10d, "_abort_process_group", None)
         try:
-            dist.barrier()
-        finally:
-            dist.destroy_process_group()
+            if abort is not None and dist.get_backend() == "nccl":
+                abort()  # NCCL's destroy may wait for the collectives in flight
+            else:
+                dist.destroy_process_group()
+        except Exception:  # noqa: BLE001 -- the process exits next; teardown errors must not mask the real one
+            pass
+        return
+    try:
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()

@@ -6,11 +6,18 @@ or bad data never produces a bare traceback or overwrites anything.
 
 
 class DistillError(Exception):
-    """Base for every error the user can fix (bad config, bad data, bad model directory)."""
+    """Base for every error the user can fix (bad config, bad data, bad model directory).
+
+    `shared`: every rank raises this same error from a collective decision (or a check all ranks run on the same
+    inputs), so rank 0 alone prints it. Otherwise each rank prints its own: an error only one rank saw is never
+    hidden.
+    """
+    shared = False
 
 
 class ConfigError(DistillError):
     """One or more config problems; `problems` lists every one as 'key: what is wrong -> fix'."""
+    shared = True
 
     def __init__(self, problems: list[str]):
         self.problems = list(problems)
@@ -28,3 +35,4 @@ class ModelError(DistillError):
 
 class NonFiniteError(DistillError):
     """A non-finite loss or gradient norm was seen; the weights of the last good step were kept."""
+    shared = True  # decided by one all-reduce

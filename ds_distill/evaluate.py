@@ -261,7 +261,8 @@ def side_by_side(models: list[tuple[str, str]], prompts: list[list[int]], tokeni
     rows = [{"prompt": tokenizer.decode(p), "temperature": t, "seed": seed + 1000 * i + j, "outputs": {}}
             for i, p in enumerate(prompts) for j, t in enumerate(temperatures)]
     for name, path in models:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True).to(device).eval()
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True,
+                                                     use_safetensors=True).to(device).eval()  # never a pickle
         k = 0
         for i, p in enumerate(prompts):
             for j, t in enumerate(temperatures):

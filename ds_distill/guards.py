@@ -16,8 +16,14 @@
   stacks (all threads) with a one-line explanation and ends the process with EXIT_WATCHDOG: a rank stuck in a
   collective (a peer died, hung, or runs a different number of forwards) becomes an error instead of a hang. The
   process-group timeout is set above it (`process_group_timeout`), so the watchdog's message comes first.
+- Launcher watch. `watch_launcher()`: a rank started by a launcher (deepspeed's launch.py, torchrun) treats the
+  launcher's end like a SIGTERM: the kernel sends SIGTERM when the parent dies (PR_SET_PDEATHSIG), and a thread
+  notices within a second when the parent or, under `deepspeed`, the `deepspeed` command above launch.py ends (a
+  SIGTERM to `deepspeed` ends it at once and launch.py keeps the ranks running). Every rank then saves a
+  checkpoint at the next step boundary and exits, instead of training on with no one to stop it.
 - Fault hooks, for tests only: DS_DISTILL_TEST_FAULTS="kind@step[:rank],..." with kind one of kill (SIGKILL after
-  the step), sigterm (SIGTERM to itself at the start of the step), stall (sleep forever at the start of the step),
+  the step), sigterm (SIGTERM to itself at the start of the step), error (a DistillError on that rank alone at the
+  start of the step), stall (sleep forever at the start of the step),
   ckpt_kill (SIGKILL inside the checkpoint of that step, after DeepSpeed wrote its files and before COMPLETE), nan
   (the student's loss of that step becomes NaN on that rank). Without the variable they do nothing.
 """
@@ -34,7 +40,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .errors import ConfigError, NonFiniteError
+from .errors import ConfigError, DistillError, NonFiniteError
 
 EXIT_PREEMPTED = 143  # 128 + SIGTERM: a checkpoint was saved, run the same command again to resume
 EXIT_WATCHDOG = 3  # a rank made no progress for train.watchdog_timeout_s (stacks printed)
@@ -78,6 +84,64 @@ def sigterm_requested() -> bool:
     return _term.is_set()
 
 
+def _proc_stat(pid: int) -> Optional[tuple[str, int]]:
+    """(state letter, parent pid) of a process from /proc, or None when it no longer exists."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            rest = f.read().rsplit(")", 1)[1].split()
+        return rest[0], int(rest[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+_LAUNCHERS = ("deepspeed.launcher.launch", "torch.distributed.run", "torchrun")
+
+
+def watch_launcher(poll_s: float = 1.0) -> Callable[[], None]:
+    """Stop like on SIGTERM when this rank's launcher ends (see the module docstring); returns a stop function.
+    Does nothing for a process not started by a known launcher (a plain `python`, `srun`: those deliver signals
+    themselves, and a shell that exits must not stop a nohup'ed run) or without /proc."""
+    ppid = os.getppid()
+    if not any(name in _cmdline(ppid) for name in _LAUNCHERS):
+        return lambda: None
+    watched = [ppid]
+    up = _proc_stat(ppid)
+    if "deepspeed.launcher.launch" in _cmdline(ppid) and up and up[1] > 1 and "deepspeed" in _cmdline(up[1]):
+        watched.append(up[1])  # the `deepspeed` command: a SIGTERM to it does not reach launch.py
+    try:  # the kernel's own notice when the parent dies (Linux), even if this process is stuck in C code
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    done = threading.Event()
+
+    def gone(pid: int) -> bool:
+        st = _proc_stat(pid)
+        return st is None or st[0] in ("Z", "X")  # exited (a zombie not yet reaped by its own parent counts)
+
+    def run() -> None:
+        while not done.wait(poll_s):
+            ended = [p for p in watched if gone(p)] or ([ppid] if os.getppid() != ppid else [])
+            if ended:
+                if not _term.is_set():
+                    _term.set()
+                    os.write(2, f"[ds_distill] rank {os.environ.get('RANK', '0')}: the launcher (pid {ended[0]}) "
+                                "ended: saving a checkpoint at the next step boundary, then stopping\n".encode())
+                return
+
+    threading.Thread(target=run, name="ds_distill-launcher-watch", daemon=True).start()
+    return done.set
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Non-finite guard + the per-step flag exchange
 # ----------------------------------------------------------------------------------------------------------------
@@ -106,6 +170,7 @@ class StepGuard:
         self.watchdog = watchdog
         self.step = 0  # the step in progress (1-based), set by the loop
         self.bad_ranks: list[int] = []
+        self.teacher_side = False  # the non-finite values were in the KD term only (finite CE): the teacher's
         self.stop_requested = False
         self.checked = False
 
@@ -124,13 +189,16 @@ class StepGuard:
         backpropagated. Returns the loss to backpropagate (NaN-poisoned when any rank's loss is not finite).
         """
         flags = torch.zeros(self.world_size + 1, dtype=torch.float64, device=self.device)
-        if not bool(torch.isfinite(local_sums[:3]).all()):
-            flags[self.rank] = 1.0
+        finite = torch.isfinite(local_sums[:3]).tolist()  # total, ce, kd
+        if not all(finite):
+            # 2: the KD term alone (the student's CE is finite, so its logits are): the teacher's side is the cause
+            flags[self.rank] = 2.0 if finite[1] and not finite[2] else 1.0
         if sigterm_requested():
             flags[self.world_size] = 1.0
         self.all_reduce_sum(flags)
         f = flags.tolist()  # host sync (the step's other all-reduces sync anyway)
         self.bad_ranks = [r for r in range(self.world_size) if f[r] > 0]
+        self.teacher_side = bool(self.bad_ranks) and all(f[r] == 2.0 for r in self.bad_ranks)
         self.stop_requested = f[self.world_size] > 0
         self.checked = True
         if self.watchdog is not None:
@@ -173,6 +241,11 @@ class StepGuard:
         raise NonFiniteError(self._message(what))
 
     def _message(self, what: str) -> str:
+        if self.teacher_side:
+            return (f"step {self.step}: {what}, in the KD term only (the student's CE is finite): the teacher's "
+                    "outputs are not finite; the optimizer did not update the weights -> check the teacher "
+                    "(teacher.path: NaN/inf in its weights, or fp16 overflow: use bf16 or fp32; teacher.cache: "
+                    "its log-probs), e.g. with launch/eval.py --teacher; a lower train.lr does not help")
         return (f"step {self.step}: {what}; the optimizer did not update the weights -> lower train.lr, check the "
                 "data of this step, or set train.nonfinite: skip to skip such steps "
                 f"(up to train.max_skipped_steps)")
@@ -277,6 +350,9 @@ def _announce(kind: str, step: int, rank: int) -> None:
 
 def fault_at_step_start(step: int, rank: int) -> None:
     f = _faults()
+    if "error" in f and _matches(f["error"], step, rank):
+        _announce("error", step, rank)
+        raise DistillError(f"test fault error@{step} on rank {rank} alone (the other ranks wait in a collective)")
     if "sigterm" in f and _matches(f["sigterm"], step, rank):
         _announce("sigterm", step, rank)
         os.kill(os.getpid(), signal.SIGTERM)

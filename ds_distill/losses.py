@@ -48,7 +48,7 @@ Implementations (``impl=``)
   and the hidden gradient [N, H]. No tensor larger than c x V exists.
 - ``topk``: the teacher keeps its top ``top_k`` tokens per position, computed chunked from the teacher hidden states
   (the teacher's [c, V] logits exist one chunk at a time) or read from an offline cache (``teacher_topk``: ids and
-  full-vocabulary-normalised log-probs at T = 1, then the teacher needs no logits at all).
+  full-vocabulary-normalised log-probs at the loss temperature T, then the teacher needs no logits at all).
 
   Remaining mass: a TAIL BUCKET, not renormalisation. Both distributions are coarse-grained onto k + 1 categories:
   the k teacher tokens and one bucket holding everything else, p_tail = 1 - sum_k p and q_tail = 1 - sum_k q. The
@@ -57,10 +57,10 @@ Implementations (``impl=``)
   (k + 1)-category distributions. Why: it works for every divergence (renormalising the teacher makes reverse KL,
   JSD and TV undefined or biased because p would be 0 where q is not), it is a lower bound of the full divergence
   (coarse-graining never increases an f-divergence) that tightens as k grows, it equals ``full`` when k = V, and
-  its gradient still pushes the student's tail mass towards the teacher's. With a cache and T != 1 the teacher's
-  bucket is approximated by treating the tail as one token (p_T proportional to p_1^(1/T) over the k + 1
-  categories; exact at T = 1): a T = 1 cache cannot know how T reshapes the mass it dropped. A cache whose top-k
-  sums to >= 1 after rounding gets p_tail = float32 tiny when k < V.
+  its gradient still pushes the student's tail mass towards the teacher's. A cache holds log-probs already at the
+  training temperature (its tail mass at T is 1 - sum of them, exact): a T = 1 top-k cannot give the tail at
+  another T, so the trainer refuses a cache written at another temperature. A cache whose top-k sums to >= 1 after
+  rounding gets p_tail = float32 tiny when k < V.
 
 Masked tokens (labels == -100) are dropped before any matmul (one host sync per call), so prompt tokens cost
 nothing, and an all-masked call returns exact zero sums with zero gradients, still delivered as real tensors to
@@ -655,12 +655,16 @@ def _dense_slab(s: Tensor, t: Tensor, lab: Tensor, o: _Opts, w: Tensor) -> Tenso
         log_q, log_p = s.sub_(log_zq), t.sub_(log_zp)
         if div == "jsd":
             b = o.beta
-            log_m = torch.mul(p, b, out=w[4]).add_(q, alpha=1 - b).clamp_min_(_TINY).log_()
-            kl_qm = -h_q - _rowdot(q, log_m, w[3])
-            kl_pm = -h_p - _rowdot(p, log_m, w[3])
+            # log m = logsumexp(log p + log b, log q + log(1 - b)): exact for a tiny b, where log(b p + (1 - b) q)
+            # of the probabilities loses the b p term to rounding
+            # of the probabilities loses the b p term to rounding. Both KLs are row dot products of log-ratios (not
+            # -H - <x, log m>, whose two terms of size log V cancel to a KL of size ~b)
+            log_qm = _log_mix_into(log_p, log_q, b, w[4], w[5]).neg_().add_(log_q)  # log q - log m
+            kl_qm = _rowdot(q, log_qm, w[3])
+            kl_pm = _rowdot(p, torch.sub(log_p, log_q, out=w[5]).add_(log_qm), w[3])  # <p, log p - log m>
             d = b * kl_pm + (1 - b) * kl_qm
             # dD/dz = (1 - b) q (log q - log m - KL(q || m))
-            g = log_m.neg_().add_(log_q).sub_(kl_qm[:, None]).mul_(q).mul_(1 - b)
+            g = log_qm.sub_(kl_qm[:, None]).mul_(q).mul_(1 - b)
         elif div in ("skew_forward_kl", "skew_reverse_kl") and o.skew_lambda == 1.0:
             d = torch.zeros_like(h_p)
             g = w[4].zero_()
@@ -696,12 +700,19 @@ def _dense_slab(s: Tensor, t: Tensor, lab: Tensor, o: _Opts, w: Tensor) -> Tenso
     return out
 
 
+def _log_mix_into(log_x: Tensor, log_y: Tensor, w: float, out: Tensor, scratch: Tensor) -> Tensor:
+    """log(w * x + (1 - w) * y) [r, V] from log-probs as one log-sum-exp, in `out` (0 < w < 1; `scratch` is
+    clobbered)."""
+    torch.add(log_x, math.log(w), out=out)
+    return torch.logaddexp(out, torch.add(log_y, math.log1p(-w), out=scratch), out=out)
+
+
 def _topk_slab(s: Tensor, t: Tensor | None, ids: Tensor | None, lp1: Tensor | None, lab: Tensor,
                o: _Opts, w: Tensor) -> Tensor:
     """Top-k with a tail bucket, one slab of rows.
 
     s [r, V] raw student logits -> overwritten with d(total)/d(logits). The teacher is either t [r, V] raw logits
-    (online; clobbered) or (ids [r, k], lp1 [r, k]) log-probs at T = 1 from a cache.
+    (online; clobbered) or (ids [r, k], lp1 [r, k]) log-probs at T (the loss temperature) from a cache.
     """
     a, T = o.alpha, o.temperature
     inv_t = 1.0 / T
@@ -724,9 +735,7 @@ def _topk_slab(s: Tensor, t: Tensor | None, ids: Tensor | None, lp1: Tensor | No
         mass = lp_k.double().exp().sum(1, keepdim=True)
         # k == V: the cache holds the whole vocabulary, the tail is exactly empty (whatever the rounding says)
         tail = (1.0 - mass).clamp_min(_TINY) if k < V else torch.zeros_like(mass)
-        lp = torch.cat([lp_k, tail.log().float()], 1)
-        if T != 1.0:  # documented approximation: the tail bucket is tempered as if it were one token
-            lp = F.log_softmax(lp * inv_t, dim=1)
+        lp = torch.cat([lp_k, tail.log().float()], 1)  # already at T: the cache was written at T
     # teacher argmax among its top-k
     t_arg = ids.gather(1, lp[:, :k].argmax(1, keepdim=True))  # [r, 1]
 

@@ -20,8 +20,9 @@ def read_rows(metrics_path: str) -> list[dict]:
     """metrics.jsonl rows (train rows and eval rows); [] when the file does not exist."""
     if not os.path.exists(metrics_path):
         return []
-    with open(metrics_path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    from .tracking import read_metrics  # tolerates a half-written last line
+
+    return read_metrics(metrics_path)
 
 
 def _series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:

@@ -6,7 +6,8 @@ Layout of a cache directory (written by `launch/cache_teacher.py`, read by the t
     index.json               sample_id -> (shard, first row, number of rows), written once every shard is in
     shards/<name>.safetensors
         ids        [P, k] int32    top-k token ids per position, sorted by decreasing probability
-        logprobs   [P, k] fp16/bf16/fp32   log-probabilities at T = 1, normalised over the FULL real vocabulary
+        logprobs   [P, k] fp16/bf16/fp32   log-probabilities at the manifest's temperature (the run's
+                                           loss.temperature), normalised over the FULL real vocabulary
                                            [0, vocab_size) (so the tail mass is 1 - sum(exp(logprobs)))
         sample_ids [n] int64, offsets [n] int64, lengths [n] int64   the shard's own index (rows of each sample)
 
@@ -237,6 +238,27 @@ class ShardWriter:
         self._clear()
 
 
+def shard_problem(path: str) -> Optional[str]:
+    """Why a shard file cannot be read whole ('is missing', 'is truncated ...'), or None. Reads only the
+    safetensors header (8-byte length + JSON): the data must end exactly at the end of the file."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if size < 8 or n > size - 8:
+                return f"is truncated ({size} bytes: not even its header)"
+            header = json.loads(f.read(n))
+    except FileNotFoundError:
+        return "is missing"
+    except (OSError, ValueError) as e:
+        return f"cannot be read ({e})"
+    end = 8 + n + max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if end != size:
+        return f"is truncated ({size} bytes, its header needs {end})" if size < end else \
+            f"has {size - end} bytes more than its header describes"
+    return None
+
+
 def shard_paths(cache_dir: str) -> list[str]:
     return sorted(glob.glob(os.path.join(cache_dir, SHARDS, "*.safetensors")))
 
@@ -324,6 +346,12 @@ class TopKCache:
         with open(os.path.join(cache_dir, INDEX)) as f:
             index = json.load(f)
         self.shards = [os.path.join(cache_dir, SHARDS, n) for n in index["shards"]]
+        for path in self.shards:  # found now, naming the file, not at the first step that reads a missing row
+            why = shard_problem(path)
+            if why:
+                raise DistillError(f"teacher.cache: shard {path} {why} -> delete that shard and re-run "
+                                   "launch/cache_teacher.py with the same arguments (it recomputes its samples), or "
+                                   "write the cache again")
         # sorted arrays, not a dict: 8 bytes x 4 per sample (a dict of 10M samples would take ~1 GB per rank)
         self._sids = np.asarray(index["sample_ids"], dtype=np.int64)
         self._loc = np.stack([np.asarray(index[key], dtype=np.int64) for key in ("shard", "offset", "length")], 1)
@@ -332,20 +360,24 @@ class TopKCache:
         self.vocab_size = int(manifest["vocab_size"])
         self._handles: OrderedDict[int, object] = OrderedDict()  # open shards, least recently used first
 
-    def verify(self, *, tokenizer_fp: str, data_fp: str, max_length: int, top_k: int,
+    def verify(self, *, tokenizer_fp: str, data_fp: str, max_length: int, top_k: int, temperature: float,
                vocab_size: Optional[int] = None) -> int:
         """Refuse a cache made for another run; returns the number of columns to use (min(top_k, cached k)).
 
         A loss.top_k above the cached k is refused unless the cache holds the whole vocabulary.
         """
         m = self.manifest
-        run = {"tokenizer_fingerprint": tokenizer_fp, "data_fingerprint": data_fp, "max_length": max_length}
+        # temperature: the cached top-k and its tail mass are those of softmax(logits / T); another T's tail mass
+        # cannot be recovered from them
+        run = {"tokenizer_fingerprint": tokenizer_fp, "data_fingerprint": data_fp, "max_length": max_length,
+               "temperature": float(temperature)}
         if vocab_size is not None:
             run["vocab_size"] = vocab_size
         problems = manifest_differences(m, run)
         hints = {"tokenizer_fingerprint": "tokenizer_path", "data_fingerprint": "data.train_files / data.format / "
                  "data.text_field / the tokenizer", "max_length": "data.max_length",
-                 "vocab_size": "the tokenizer / the models' vocabularies"}
+                 "vocab_size": "the tokenizer / the models' vocabularies",
+                 "temperature": "loss.temperature: the cache holds log-probs at the temperature it was written at"}
         problems = [f"{p} (set by {hints[p.split(':')[0]]})" for p in problems]
         if top_k > self.k and self.k < self.vocab_size:
             problems.append(f"top_k: cache {self.k}, run loss.top_k {top_k} (a cache cannot give more tokens than "
@@ -475,7 +507,7 @@ def write_cache(cfg, cache_dir: str, *, top_k: int, dtype: str = "fp16", micro_b
     T = cfg.train
     mb = micro_batch_size or T.micro_batch_size
     models.check_model_dir(cfg.teacher.path, "teacher.path", cfg.teacher.allow_pickle_weights)
-    trust = cfg.teacher.trust_remote_code or cfg.student.trust_remote_code
+    trust = cfg.tokenizer_trust_remote_code
     tokenizer = models.load_tokenizer(cfg.resolved_tokenizer_path, trust)
     if cfg.resolved_tokenizer_path != cfg.teacher.path:
         vocab.check_tokenizers_compatible(models.load_tokenizer(cfg.teacher.path, cfg.teacher.trust_remote_code),
@@ -496,7 +528,8 @@ def write_cache(cfg, cache_dir: str, *, top_k: int, dtype: str = "fp16", micro_b
     decision: object = None
     if rank == 0:
         manifest = {
-            "format": FORMAT, "version": VERSION, "complete": False, "top_k": top_k, "temperature": 1.0,
+            "format": FORMAT, "version": VERSION, "complete": False, "top_k": top_k,
+            "temperature": float(cfg.loss.temperature),
             "dtype": dtype, "ids_dtype": "int32", "bytes_per_token": top_k * (4 + value_bytes),
             "vocab_size": vocab_size, "teacher_vocab_rows": t_rows, "max_length": cfg.data.max_length,
             "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer), "data_fingerprint": data_fingerprint(train_ds),
@@ -574,7 +607,7 @@ def write_cache(cfg, cache_dir: str, *, top_k: int, dtype: str = "fp16", micro_b
                 head = engine.module.head
                 with engines.gathered(head.params()):
                     ids, lps = topk_logprobs(h, head.weight, bias=head.bias, transform=head.transform,
-                                             vocab_size=vocab_size, k=top_k,
+                                             vocab_size=vocab_size, k=top_k, temperature=manifest["temperature"],
                                              chunk_size=cfg.loss.chunk_size)
             start = 0
             for sid, n in zip(batch["sample_ids"].tolist(), (am.sum(1) - 1).tolist()):

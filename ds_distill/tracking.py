@@ -12,6 +12,8 @@ import sys
 import time
 from typing import Optional
 
+from .errors import DistillError
+
 
 class Tracker:
     def __init__(self, *, output_dir: str, is_rank0: bool, total_steps: int, start_step: int = 0,
@@ -86,14 +88,33 @@ class Tracker:
             self.run = None
 
 
+def parse_metrics_lines(path: str, lines: list[str]) -> list[tuple[str, dict]]:
+    """(line, row) for every row of metrics.jsonl. A last line that is not whole JSON (the process died or the disk
+    filled during the append) is dropped: it is the row of a step that the next run writes again. A broken line
+    before the last is not something an append leaves: DistillError naming the file and line."""
+    out = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            out.append((line if line.endswith("\n") else line + "\n", json.loads(line)))
+        except ValueError:
+            if any(rest.strip() for rest in lines[i + 1:]):
+                raise DistillError(f"output_dir: {path} line {i + 1} is not JSON ({line[:60]!r}) -> repair or delete "
+                                   "that line (or the file: the checkpoints do not need it)") from None
+    return out
+
+
 def truncate_metrics(path: str, keep_through_step: int) -> None:
-    """Drop rows with step > keep_through_step (a resumed run rewrites them), atomically."""
+    """Drop rows with step > keep_through_step (a resumed run rewrites them) and a half-written last line,
+    atomically."""
     if not os.path.exists(path):
         return
     with open(path) as f:
-        rows = [line for line in f if line.strip()]
-    kept = [r for r in rows if json.loads(r).get("step", 0) <= keep_through_step]
-    if len(kept) == len(rows):
+        lines = f.readlines()
+    rows = parse_metrics_lines(path, lines)
+    kept = [line for line, row in rows if row.get("step", 0) <= keep_through_step]
+    if kept == lines:
         return
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
@@ -103,4 +124,4 @@ def truncate_metrics(path: str, keep_through_step: int) -> None:
 
 def read_metrics(path: str) -> list[dict]:
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        return [row for _, row in parse_metrics_lines(path, f.readlines())]

@@ -16,6 +16,7 @@ import math
 import os
 import shutil
 import signal
+import sys
 import time
 from typing import Optional
 
@@ -57,36 +58,64 @@ class Run:
     teacher_topk_cache: Optional[teacher_cache.TopKCache] = None  # teacher.cache: the offline teacher's top-k
 
 
-def check_output_dir(cfg: DistillConfig, rank: int) -> None:
-    """Refuse to start a fresh run over a different run's outputs, unless resuming or told to overwrite."""
+OUTPUT_NAMES = ("checkpoints", "metrics.jsonl", "final", "final_adapter", "wandb", "report.md", "report_data.json",
+                "losses.png", "eval_ppl.png", "gap.png", "generations.md")  # what a run writes (and overwrite removes)
+
+
+def check_output_dir(cfg: DistillConfig, rank: int) -> bool:
+    """Refuse to start a fresh run over a different run's outputs, unless resuming or told to overwrite.
+
+    Deletes nothing: returns True when the previous outputs are to be replaced (overwrite_output_dir), which
+    `build` does only once the data and the models have loaded. An output_dir that cannot be written (under a file,
+    read-only) is refused here, before any model loads.
+    """
     out = cfg.output_dir
+    _check_writable(out)
     if not os.path.isdir(out) or not os.listdir(out):
-        return
-    if cfg.checkpoint.resume not in ("auto", "never"):
-        return  # an explicit checkpoint path: the user chose what to continue
-    latest = checkpoint.find_latest(os.path.join(out, "checkpoints"))
+        return False
+    ckpt_root = os.path.join(out, "checkpoints")
+    latest = checkpoint.find_latest(ckpt_root)
     fix = "choose a new output_dir, or set overwrite_output_dir: true to replace it"
-    if cfg.checkpoint.resume == "auto" and latest:
+    if latest and cfg.checkpoint.resume != "never":  # auto, or an explicit path into this output_dir
         saved = ((checkpoint.read_resume_json(latest) or {}).get("extra") or {}).get("run") or {}
         diffs = [f"{k}: {saved[k]!r} there, {v!r} now" for k, v in run_identity(cfg).items()
                  if k in saved and saved[k] != v]
         if not diffs:
-            return
+            return False
         why = f"holds a checkpoint of a different run ({latest}: " + "; ".join(diffs) + ")"
         fix += ", or resume with the run's own settings"
     elif latest:
         why = f"holds checkpoints ({latest}) and checkpoint.resume is 'never'"
     else:
-        why = "already holds files of another run and has no checkpoint to resume"
+        present = sorted(n for n in os.listdir(out) if n in OUTPUT_NAMES) or sorted(os.listdir(out))[:5]
+        why = (f"already holds files ({', '.join(present)}) and no complete checkpoint to resume: another run's "
+               "outputs, or a run stopped before its first checkpoint (its checkpoint.every_steps)")
     if cfg.overwrite_output_dir:
-        if rank == 0:
-            for name in ("checkpoints", "metrics.jsonl", "final", "final_adapter", "wandb", "report.md",
-                         "report_data.json", "losses.png", "eval_ppl.png", "gap.png", "generations.md"):
-                p = os.path.join(out, name)
-                shutil.rmtree(p, ignore_errors=True) if os.path.isdir(p) else (os.path.exists(p) and os.remove(p))
-        engines.barrier()
-        return
+        return True
     raise DistillError(f"output_dir: '{out}' {why} -> {fix}")
+
+
+def _check_writable(out: str) -> None:
+    """output_dir, or its nearest existing parent, must be a writable directory (checked before any model loads)."""
+    probe = os.path.abspath(out)
+    while not os.path.exists(probe):
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    if not os.path.isdir(probe):
+        raise DistillError(f"output_dir: '{out}' cannot be created: '{probe}' is a file, not a directory -> choose "
+                           "another output_dir")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise DistillError(f"output_dir: '{out}' cannot be written: '{probe}' is read-only for this user -> choose "
+                           "another output_dir, or fix its permissions")
+
+
+def remove_previous_outputs(out: str) -> None:
+    """overwrite_output_dir, rank 0: delete what an earlier run wrote in `out` (OUTPUT_NAMES only)."""
+    for name in OUTPUT_NAMES:
+        p = os.path.join(out, name)
+        shutil.rmtree(p, ignore_errors=True) if os.path.isdir(p) else (os.path.exists(p) and os.remove(p))
 
 
 def run_identity(cfg: DistillConfig) -> dict:
@@ -100,6 +129,37 @@ def run_identity(cfg: DistillConfig) -> dict:
             "data.format": cfg.data.format, "data.max_length": cfg.data.max_length, "train.seed": cfg.train.seed,
             "train.micro_batch_size": cfg.train.micro_batch_size, "train.grad_accum_steps": cfg.train.grad_accum_steps,
             "student.lora.rank": cfg.student.lora.rank}
+
+
+def schedule_settings(cfg: DistillConfig) -> dict:
+    """What sets the LR of every step (stored in each checkpoint: a resume with other values applies them)."""
+    T = cfg.train
+    return {"train.lr": T.lr, "train.warmup_steps": T.warmup_steps, "train.max_steps": T.max_steps,
+            "train.min_lr_ratio": T.min_lr_ratio}
+
+
+def apply_schedule_changes(cfg: DistillConfig, engine, state: checkpoint.ResumeState) -> list[str]:
+    """DeepSpeed restores the checkpoint's LR scheduler, whose base LR is the old train.lr (warmup, max_steps and
+    min_lr_ratio come from this run's schedule function). Apply this run's train.lr and say what changed."""
+    saved = (state.extra or {}).get("schedule") or {}
+    now = schedule_settings(cfg)
+    changed = {k: (saved[k], v) for k, v in now.items() if k in saved and saved[k] != v}
+    if not changed:
+        return []
+    sched = engine.lr_scheduler
+    sched.base_lrs = [cfg.train.lr for _ in sched.base_lrs]
+    factor = engines.lr_schedule(sched.last_epoch, warmup_steps=cfg.train.warmup_steps,
+                                 max_steps=cfg.train.max_steps, min_lr_ratio=cfg.train.min_lr_ratio)
+    for group in sched.optimizer.param_groups:
+        group["lr"] = cfg.train.lr * factor
+    sched._last_lr = [g["lr"] for g in sched.optimizer.param_groups]
+    return [f"the LR schedule changed since the checkpoint, applied from step {state.step + 1}: "
+            + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items())]
+
+
+def _has_tokenizer(path: str) -> bool:
+    return any(os.path.isfile(os.path.join(path, n)) for n in ("tokenizer.json", "tokenizer_config.json",
+                                                                "tokenizer.model", "vocab.json"))
 
 
 def _declared_vocab_rows(path: str) -> Optional[int]:
@@ -124,7 +184,7 @@ def check_top_k(cfg: DistillConfig, vocab_size: int) -> None:
 def build(cfg: DistillConfig) -> Run:
     rank, world, _ = engines.init_distributed(guards.process_group_timeout(cfg.train.watchdog_timeout_s))
     validate(cfg, world)
-    check_output_dir(cfg, rank)
+    overwrite = check_output_dir(cfg, rank)  # nothing is deleted before the data and models are checked
     precision = engines.resolve_precision(cfg.train.precision)
     dtype = engines.torch_dtype(precision)
     T = cfg.train
@@ -133,8 +193,7 @@ def build(cfg: DistillConfig) -> Run:
     models.check_model_dir(cfg.student.path, "student.path", cfg.student.allow_pickle_weights)
     if cfg.teacher.path:
         models.check_model_dir(cfg.teacher.path, "teacher.path", cfg.teacher.allow_pickle_weights)
-    tokenizer = models.load_tokenizer(cfg.resolved_tokenizer_path, cfg.teacher.trust_remote_code
-                                      or cfg.student.trust_remote_code)
+    tokenizer = models.load_tokenizer(cfg.resolved_tokenizer_path, cfg.tokenizer_trust_remote_code)
     pair = f"teacher.path '{cfg.teacher.path}' / student.path '{cfg.student.path}'"
     if cfg.teacher.path:
         try:
@@ -143,6 +202,15 @@ def build(cfg: DistillConfig) -> Run:
                 models.load_tokenizer(cfg.student.path, cfg.student.trust_remote_code))
         except ModelError as e:
             raise ModelError(f"{pair}: {e}") from None
+    if cfg.tokenizer_path:  # a separate tokenizer must give the models' own ids, not just as many of them
+        key, ref = ("teacher.path", cfg.teacher.path) if cfg.teacher.path else ("student.path", cfg.student.path)
+        if _has_tokenizer(ref):
+            trust = cfg.teacher.trust_remote_code if cfg.teacher.path else cfg.student.trust_remote_code
+            try:
+                vocab.check_tokenizers_compatible(models.load_tokenizer(ref, trust), tokenizer)
+            except ModelError as e:
+                raise ModelError(f"tokenizer_path '{cfg.tokenizer_path}' does not match the tokenizer of {key} "
+                                 f"'{ref}' (compared as teacher = {key}, student = tokenizer_path): {e}") from None
     # lm_head rows as declared in config.json: a vocabulary mismatch or loss.top_k beyond the vocabulary fails here,
     # before any engine is built (checked again below with the loaded weights' real row counts)
     s_rows = _declared_vocab_rows(cfg.student.path)
@@ -167,7 +235,7 @@ def build(cfg: DistillConfig) -> Run:
         topk_cache = teacher_cache.TopKCache(cfg.teacher.cache)
         topk_cache.verify(tokenizer_fp=teacher_cache.tokenizer_fingerprint(tokenizer),
                           data_fp=teacher_cache.data_fingerprint(train_ds), max_length=cfg.data.max_length,
-                          top_k=cfg.loss.top_k)
+                          top_k=cfg.loss.top_k, temperature=cfg.loss.temperature)
 
     # --- student engine (loaded straight into ZeRO-3 shards at stage 3)
     student_ds = engines.student_ds_config(
@@ -235,16 +303,27 @@ def build(cfg: DistillConfig) -> Run:
         vocab_message += (f"\nteacher head: {_model_type(teacher_engine.module.model)} ({t_head.transform.describe()}"
                           + (", bias" if t_head.bias is not None else "") + ")")
 
+    # --- the previous run's outputs go only now: every input has been checked and loaded
+    if overwrite:
+        if rank == 0:
+            remove_previous_outputs(cfg.output_dir)
+        engines.barrier()
+
     # --- resume
     ckpt_root = os.path.join(cfg.output_dir, "checkpoints")
     state = checkpoint.ResumeState()
-    resume_from = None
-    if cfg.checkpoint.resume == "auto":
-        resume_from = checkpoint.find_latest(ckpt_root)
-    elif cfg.checkpoint.resume != "never":
-        resume_from = cfg.checkpoint.resume
+    notices: list[str] = []
+    resume_from = None if overwrite else checkpoint.select_resume(  # a fallback's notice is printed at once
+        ckpt_root, cfg.checkpoint.resume, lambda m: rank == 0 and print(m, file=sys.stderr, flush=True))
     if resume_from:
         state = checkpoint.load(student_engine, resume_from, world)
+        moved = checkpoint.set_aside_after(ckpt_root, resume_from) if rank == 0 else []
+        engines.barrier()
+        if moved:
+            names = ", ".join(map(os.path.basename, moved))
+            notices.append(f"continuing from {resume_from}: the later checkpoints of the abandoned branch were moved "
+                           f"to {os.path.join(ckpt_root, checkpoint.SET_ASIDE)} ({names})")
+        notices += apply_schedule_changes(cfg, student_engine, state)
     if len(train_ds) < world:  # checked here so that every rank raises it (the stream would fail on some only)
         raise data.DataError(f"data.train_files: {len(train_ds)} usable training samples cannot feed {world} ranks "
                              "-> add data or use fewer ranks")
@@ -254,11 +333,14 @@ def build(cfg: DistillConfig) -> Run:
     if state.data_state:
         stream.load_state_dict(state.data_state)  # same seed, rows and world size, or a DataError
     state.extra["run"] = run_identity(cfg)
+    state.extra["schedule"] = schedule_settings(cfg)
     run = Run(cfg=cfg, rank=rank, world_size=world, tokenizer=tokenizer, student_engine=student_engine,
               teacher_engine=teacher_engine, stream=stream, eval_dataset=eval_ds, loss_kwargs=loss_kwargs,
               state=state, ckpt_root=ckpt_root, vocab_message=vocab_message, teacher_topk_cache=topk_cache)
     if resume_from:
         run.vocab_message += f"\nresumed from {resume_from} at step {state.step}"
+    for m in notices:
+        run.vocab_message += "\n" + m
     return run
 
 
@@ -408,21 +490,58 @@ def save_checkpoint(run: Run, rng: Optional[dict] = None) -> str:
 
 
 def export(run: Run) -> str:
-    """Gather the student from ZeRO shards and write output_dir/final as a plain HF model (rank 0)."""
+    """Gather the student from ZeRO shards and write output_dir/final as a plain HF model (rank 0).
+
+    Written into final.partial, then renamed: `final` is either the previous export or the whole new one, never a
+    directory without weights. A full disk becomes a DistillError (exit 2) naming the directory.
+    """
     out = os.path.join(run.cfg.output_dir, "final")
     sd = engines.consolidated_state_dict(run.student_engine)  # collective
     if run.rank == 0:
         sd = {k[len("model."):] if k.startswith("model.") else k: v for k, v in sd.items()}
         hf_model = run.student_engine.module.hf_model
-        if lora.is_peft_model(hf_model):  # merge the adapters into a plain HF model (+ the adapter alone)
-            adapter_dir = os.path.join(run.cfg.output_dir, "final_adapter") if run.cfg.student.lora.save_adapter \
-                else None
-            lora.save_merged(hf_model, sd, out, adapter_dir, lambda m, msd, d: models.save_hf_export(
-                m, msd, d, run.tokenizer, to_dict(run.cfg)))
-        else:
-            models.save_hf_export(hf_model, sd, out, run.tokenizer, to_dict(run.cfg))
+        adapter_dir = os.path.join(run.cfg.output_dir, "final_adapter") if run.cfg.student.lora.save_adapter \
+            and lora.is_peft_model(hf_model) else None
+        staged = [(out + ".partial", out)] + ([(adapter_dir + ".partial", adapter_dir)] if adapter_dir else [])
+        try:
+            for tmp, _ in staged:
+                shutil.rmtree(tmp, ignore_errors=True)
+            if lora.is_peft_model(hf_model):  # merge the adapters into a plain HF model (+ the adapter alone)
+                lora.save_merged(hf_model, sd, staged[0][0], adapter_dir and staged[1][0],
+                                 lambda m, msd, d: models.save_hf_export(m, msd, d, run.tokenizer, to_dict(run.cfg)))
+            else:
+                models.save_hf_export(hf_model, sd, staged[0][0], run.tokenizer, to_dict(run.cfg))
+            for tmp, final in staged:
+                _replace_dir(tmp, final)
+        except Exception as e:  # noqa: BLE001 -- any write failure: remove the partial copy, say why
+            for tmp, _ in staged:
+                shutil.rmtree(tmp, ignore_errors=True)
+            if not _is_disk_full(e):
+                raise
+            raise DistillError(f"output_dir: cannot write the final export {out} ({_first_line(e)}) -> free space on "
+                               f"the disk of output_dir and run the same command again: it resumes from the complete "
+                               f"checkpoint of step {run.state.step} and only exports") from None
     engines.barrier()
     return out
+
+
+def _is_disk_full(e: BaseException) -> bool:
+    return getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or any(
+        m in str(e) for m in ("No space left", "Disk quota exceeded", "os error 28"))
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def _replace_dir(new: str, dest: str) -> None:
+    """Move directory `new` to `dest`, replacing what is there (the old one goes only once the new one is in)."""
+    old = dest + ".old"
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.exists(dest):
+        os.replace(dest, old)
+    os.replace(new, dest)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def run_eval(run: Run) -> Optional[dict]:
@@ -576,6 +695,7 @@ def main(cfg: DistillConfig) -> int:
     tracker = None
     watchdog: Optional[guards.Watchdog] = None
     restore_sigterm = None
+    stop_watch = None
     code = 1
     try:
         run = build(cfg)
@@ -586,13 +706,15 @@ def main(cfg: DistillConfig) -> int:
                           wandb_run_id=run.state.wandb_run_id, config=to_dict(cfg))
         run.state.wandb_run_id = tracker.run_id
         restore_sigterm = guards.install_sigterm_handler()  # from here SIGTERM = checkpoint at the next step, exit
+        stop_watch = guards.watch_launcher()  # the launcher ending (killed, SIGTERM'd) counts as a SIGTERM
         watchdog = guards.Watchdog(cfg.train.watchdog_timeout_s, run.rank).start()
         last = train(run, tracker, watchdog)
         watchdog.beat("export")
         path = export(run)
         watchdog.stop()
-        tracker.message(f"done: step {run.state.step}, loss {last.get('loss/total', float('nan')):.4f}; "
-                        f"model exported to {path}")
+        trained = (f"loss {last['loss/total']:.4f}" if "loss/total" in last else
+                   "no step left to train (the checkpoint was already at train.max_steps)")
+        tracker.message(f"done: step {run.state.step}, {trained}; model exported to {path}")
         gen_path = write_generations(run)
         if run.rank == 0:  # report.md + plots from metrics.jsonl (all steps, including before a resume)
             notes = ["generations side by side: [generations.md](generations.md)"] if gen_path else None
@@ -612,6 +734,8 @@ def main(cfg: DistillConfig) -> int:
     finally:
         if watchdog is not None:
             watchdog.stop()
+        if stop_watch is not None:
+            stop_watch()
         if restore_sigterm is not None:
             restore_sigterm()
         if tracker is not None:

@@ -37,16 +37,18 @@ def main(argv=None) -> int:
     args, rest = ap.parse_known_args(argv)
     from ds_distill import engines, teacher_cache  # deepspeed is imported only once the arguments parse
 
+    failed = True  # no closing barrier after an error: a peer may be dead or in another collective
     try:
         cfg = parse_config(rest)
         teacher_cache.write_cache(cfg, args.cache_dir, top_k=args.top_k or cfg.loss.top_k, dtype=args.dtype,
                                   micro_batch_size=args.micro_batch_size, shard_positions=args.shard_positions)
+        failed = False
         return 0
     except DistillError as e:
         print(f"[ds_distill] error (rank {os.environ.get('RANK', '0')}): {e}", file=sys.stderr, flush=True)
         return 2
     finally:
-        engines.shutdown()
+        engines.shutdown(failed=failed)
 
 
 if __name__ == "__main__":

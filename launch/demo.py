@@ -255,9 +255,29 @@ def final_eval(out: Path, p: dict) -> dict:
     return res
 
 
+DEMO_NAMES = ("data", "tokenizer", "init", "teacher", "ce_student", "kd_student", "logs", "eval", "corpus.json",
+              "results.json", "results.md")  # everything the demo writes at the top of --out
+MARKER = ".ds_distill_demo"
+
+
+def clear_out(out: Path) -> None:
+    """Empty `out` of an earlier demo's files, and only those: --out may be any directory (even `.`), so a
+    directory holding anything else and no marker file of the demo is refused instead of deleted."""
+    foreign = [p.name for p in out.iterdir() if p.name not in DEMO_NAMES] if out.exists() else []
+    if foreign and not (out / MARKER).is_file():
+        raise SystemExit(f"[demo] error: --out '{out}' is not empty and was not made by the demo (no {MARKER}) -> "
+                         "give a new or empty directory")
+    for name in DEMO_NAMES:
+        p = out / name
+        shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text("written by launch/demo.py: --out may be re-used by the demo\n")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default=str(ROOT / "runs" / "demo"), help="output directory (replaced)")
+    ap.add_argument("--out", default=str(ROOT / "runs" / "demo"),
+                    help="output directory: new, empty, or an earlier demo's (only the demo's files are replaced)")
     ap.add_argument("--quick", action="store_true", help="reduced sizes (~3 min): checks the plumbing only")
     ap.add_argument("--teacher_steps", type=int)
     ap.add_argument("--student_steps", type=int)
@@ -280,8 +300,7 @@ def main(argv=None) -> int:
     times = {}
     reuse = args.reuse_teacher and (out / "teacher" / "final" / "config.json").exists()
     if not reuse:
-        shutil.rmtree(out, ignore_errors=True)
-        out.mkdir(parents=True)
+        clear_out(out)
         log(f"[1/4] corpus, tokenizer and initial models in {out}")
         corpus = build_corpus(out, p)
         n_teacher, n_student = build_models(out, p)

@@ -90,6 +90,7 @@ def main(argv=None) -> int:
     else:
         rank, world = 0, 1
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    failed = True  # no closing barrier after an error (a peer may be dead or in another collective)
     try:
         t0 = time.time()
         precision = args.dtype if args.dtype != "auto" else ("fp32" if device.type == "cpu" else "bf16")
@@ -171,13 +172,14 @@ def main(argv=None) -> int:
                 evaluate.write_generations_md(rows, gen_path)
             print(f"wrote {os.path.join(args.out, 'eval.json')}, eval.md"
                   + (", generations.md" if gen_path else "") + f" ({seconds:.1f} s)", file=sys.stderr, flush=True)
+        failed = False
         return 0
     except DistillError as e:
         print(f"[ds_distill] error (rank {rank}): {e}", file=sys.stderr, flush=True)
         return 2
     finally:
         if engines is not None:
-            engines.shutdown()
+            engines.shutdown(failed=failed)
 
 
 if __name__ == "__main__":

@@ -6,8 +6,9 @@
 
 `--help` lists every key with its documentation; `--print_config` prints the resolved config and exits.
 Exit codes: 0 done; 2 a problem the user must fix: config / data / model directories / output_dir / a full disk /
-a non-finite loss or gradient (the message names the key or file; nothing was overwritten); 143 preempted (SIGTERM:
-every rank saved a checkpoint at the next step boundary, run the same command to resume); 3 the watchdog
+a non-finite loss or gradient (the message names the key or file; nothing was overwritten); 143 preempted (SIGTERM,
+or the launcher ended: every rank saved a checkpoint at the next step boundary, run the same command to resume);
+3 the watchdog
 (train.watchdog_timeout_s: a collective was stuck, each rank printed its stack); 1 otherwise (a bug: traceback).
 Under the deepspeed launcher its own exit code is what the shell sees (it passes on the first failing rank's code).
 """
@@ -20,11 +21,18 @@ from ds_distill.config import parse_config  # noqa: E402
 from ds_distill.errors import DistillError  # noqa: E402
 
 
+def _rank_tag() -> str:
+    world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
+    rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
+    return f"rank {rank}/{world}: " if world > 1 else ""
+
+
 def _fail(e: Exception) -> int:
-    # Every rank raises the same DistillError (the checks are deterministic and collective decisions are shared),
-    # so only rank 0 prints it: one message, not one per rank. An error only one rank can see says so (rank_local).
-    if os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0" or getattr(e, "rank_local", False):
-        print(f"[ds_distill] error: {e}", file=sys.stderr, flush=True)
+    # Each rank prints its own error (one only it saw, a corrupt shard of its own, must never stay hidden); an error
+    # every rank raised from the same collective decision (e.shared) is printed once, by rank 0.
+    if not getattr(e, "shared", False) or os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0":
+        print(f"[ds_distill] error: {'' if getattr(e, 'shared', False) else _rank_tag()}{e}", file=sys.stderr,
+              flush=True)
     return 2
 
 
@@ -35,12 +43,21 @@ def main(argv=None) -> int:
         return _fail(e)
     from ds_distill import engines, trainer
 
+    failed = True  # any exit but a clean return: no closing barrier (a peer may be dead or stuck elsewhere)
     try:
-        return trainer.main(cfg)
+        code = trainer.main(cfg)
+        failed = code != 0
+        return code
     except DistillError as e:
         return _fail(e)
+    except Exception as e:
+        if engines.is_peer_failure(e):  # a collective broke because another rank stopped: its error is above
+            print(f"[ds_distill] {_rank_tag()}stopped: another rank failed ({str(e).strip().splitlines()[0]}) -> "
+                  "see that rank's error above", file=sys.stderr, flush=True)
+            return 1
+        raise
     finally:
-        engines.shutdown()
+        engines.shutdown(failed=failed)
 
 
 if __name__ == "__main__":

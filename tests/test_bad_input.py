@@ -7,10 +7,16 @@ its own argv, environment, output files and master port, and exits with main()'s
 2, exactly one "[ds_distill] error:" line, no traceback, the message names the key or file, and the case's directory
 (config, data, model directories, output_dir) is byte for byte what it was before.
 
+The checkpoint cases plant a complete-looking checkpoint whose DeepSpeed pickles would create the file `code_ran`
+in the case's directory when unpickled: the unchanged digest shows that no code ran (on main it did). The
+overwrite case checks that overwrite_output_dir deletes nothing when the data fails; the port case holds a port
+open in this test process while the child is told to use it.
+
 Covered elsewhere: NaN loss, SIGTERM and SIGKILL of one rank (tests/test_resume.py, with exact resume afterwards),
-a stalled rank (tests/test_guards.py). Here too: the disk filling up during a checkpoint, on a tmpfs the test mounts
+a stalled rank (tests/test_guards.py), a rank failing alone, the launcher stopped, rollback and a full disk during
+the export (tests/test_failures.py). Here too: the disk filling up during a checkpoint, on a tmpfs the test mounts
 (root only), and one case through a plain `python launch/train.py` process (the exit code as the shell sees it).
-Runtime: about 30 s for the forked cases, about 1 min for the disk-full run.
+Runtime: about 40 s for the forked cases, about 1 min for the disk-full run.
 """
 import hashlib
 import json
@@ -139,6 +145,62 @@ def _teacher_small_vocab(assets, d: Path) -> Path:
     return m
 
 
+class _RunsCode:
+    """A pickle that, when loaded without weights_only, creates the file `marker` (a stand-in for any code)."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _planted_checkpoint(ckpt: Path, marker: Path) -> None:
+    """A checkpoint directory that looks complete and whose DeepSpeed files would run code when unpickled."""
+    import torch
+
+    ckpt.mkdir(parents=True)
+    for name in ("zero_pp_rank_0_mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt"):
+        torch.save({"module": _RunsCode(marker), "step": 2}, ckpt / name)
+    (ckpt / "resume.json").write_text(json.dumps({"step": 2}))
+    (ckpt / "COMPLETE").write_text(ckpt.name + "\n")
+
+
+def _other_run_checkpoint(out: Path) -> Path:
+    """A complete checkpoint of a run with another seed (its resume.json only: never loaded)."""
+    ck = out / "checkpoints" / "step_00000002"
+    ck.mkdir(parents=True)
+    (ck / "resume.json").write_text(json.dumps({"step": 2, "extra": {"run": {"train.seed": 12345}}}))
+    (ck / "COMPLETE").write_text("step_00000002\n")
+    (out / "checkpoints" / "latest").write_text("step_00000002\n")
+    return ck
+
+
+def _pickle_in_own_checkpoints(assets, d: Path):
+    _planted_checkpoint(d / "out" / "checkpoints" / "step_00000002", d / "code_ran")
+    return {}, []
+
+
+def _latest_names_a_path_elsewhere(assets, d: Path):
+    _planted_checkpoint(d / "elsewhere" / "step_00000009", d / "code_ran")
+    (d / "out" / "checkpoints").mkdir(parents=True)
+    (d / "out" / "checkpoints" / "latest").write_text(str(d / "elsewhere" / "step_00000009") + "\n")
+    return {}, []
+
+
+def _output_dir_under_a_file(assets, d: Path):
+    (d / "a_file").write_text("x")
+    return {"output_dir": str(d / "a_file" / "out")}, []
+
+
+def _same_size_other_tokenizer(assets, d: Path):
+    """A 1000-token tokenizer trained on other files: as many ids as the models', different ones."""
+    from ds_distill.tiny import build_tokenizer, stdlib_files
+
+    build_tokenizer(d / "other_tok", vocab_size=1000, files=stdlib_files(limit=40)[20:])
+    return {"tokenizer_path": str(d / "other_tok")}, []
+
+
 def _write(d: Path, name: str, lines: list) -> str:
     p = d / name
     p.write_text("".join(json.dumps(x) + "\n" for x in lines))
@@ -178,6 +240,22 @@ CASES = {
                                 ["loss.top_k", "5000", "1000 tokens"]),
     "chunk_size_not_positive": (lambda a, d: ({"loss": {"chunk_size": 0}}, []), ["loss.chunk_size"]),
     "alpha_without_teacher": (lambda a, d: ({"teacher": {"path": None}}, []), ["loss.alpha", "teacher.path"]),
+    # issue 13: found before anything is deleted, and never by running a checkpoint's code
+    "overwrite_then_bad_data": (lambda a, d: ({"overwrite_output_dir": True, "data": {"train_files": [
+        _write(d, "empty.jsonl", [])]}}, []), ["empty.jsonl", "empty dataset"]),
+    "checkpoint_pickle_runs_code": (_pickle_in_own_checkpoints, [
+        "checkpoint.resume", "zero_pp_rank_0_mp_rank_00_model_states.pt", "refused", "it was not run"]),
+    "latest_outside_the_run": (_latest_names_a_path_elsewhere, ["output_dir", "no complete checkpoint"]),
+    "resume_path_not_a_checkpoint": (lambda a, d: ({"checkpoint": {"resume": str(d)}}, []),
+                                     ["checkpoint.resume", "is not a checkpoint directory"]),
+    "resume_explicitly_into_another_run": (lambda a, d: ({"checkpoint": {"resume": str(
+        _other_run_checkpoint(d / "out"))}}, []), ["output_dir", "different run", "train.seed: 12345 there"]),
+    "output_dir_under_a_file": (_output_dir_under_a_file, ["output_dir", "a_file", "is a file"]),
+    "ds_config_overrides_class_path": (lambda a, d: ({"ds_config_overrides": {"optimizer": {"params": {
+        "class_path": "tabnanny.NannyNag"}}}}, []), ["ds_config_overrides.optimizer.params.class_path"]),
+    "tokenizer_path_other_ids": (_same_size_other_tokenizer,
+                                 ["tokenizer_path", "other_tok", "different ids", "teacher.path"]),
+    "rendezvous_port_in_use": (lambda a, d: ({}, []), ["MASTER_PORT", "already in use", "--master_port"]),
 }
 
 
@@ -192,6 +270,7 @@ def _prior_output(out: Path) -> None:
 def results(tiny_assets, tmp_path_factory):
     """Run every case (forked from one driver process); returns {name: (result, digest before, digest after)}."""
     base = tmp_path_factory.mktemp("bad_input")
+    busy = socket.socket()
     cases, before = {}, {}
     for name, (builder, _) in CASES.items():
         d = base / name
@@ -204,22 +283,25 @@ def results(tiny_assets, tmp_path_factory):
                 cfg[k].update(v)
             else:
                 cfg[k] = v
-        if name == "output_dir_other_run":
+        if name in ("output_dir_other_run", "overwrite_then_bad_data", "resume_explicitly_into_another_run"):
             _prior_output(d / "out")
         if name == "output_dir_different_run":  # a complete checkpoint of a run with another seed
             _prior_output(d / "out")
-            ck = d / "out" / "checkpoints" / "step_00000002"
-            ck.mkdir(parents=True)
-            (ck / "resume.json").write_text(json.dumps({"step": 2, "extra": {"run": {"train.seed": 12345}}}))
-            (ck / "COMPLETE").write_text("step_00000002\n")
-            (d / "out" / "checkpoints" / "latest").write_text("step_00000002\n")
+            _other_run_checkpoint(d / "out")
         cases[name] = {"dir": str(d), "argv": ["--config", write_yaml(cfg, d / "config.yaml"), *argv],
                        "env": {"OMP_NUM_THREADS": "1"}}
+        if name == "rendezvous_port_in_use":  # a port this test process holds open while the cases run
+            busy.bind(("127.0.0.1", 0))
+            busy.listen(1)
+            cases[name]["env"]["MASTER_PORT"] = str(busy.getsockname()[1])
         before[name] = tree_digest(d)
     (base / "cases.json").write_text(json.dumps(cases))
-    proc = subprocess.run([sys.executable, __file__, str(base / "cases.json"), str(base / "results.json")],
-                          cwd=ROOT, capture_output=True, text=True, timeout=900,
-                          env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
+    try:
+        proc = subprocess.run([sys.executable, __file__, str(base / "cases.json"), str(base / "results.json")],
+                              cwd=ROOT, capture_output=True, text=True, timeout=900,
+                              env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
+    finally:
+        busy.close()
     assert proc.returncode == 0, proc.stderr[-5000:]
     res = json.loads((base / "results.json").read_text())
     return {name: (res[name], before[name], tree_digest(base / name)) for name in CASES}

@@ -254,3 +254,17 @@ def test_two_ranks_skip_nan_step_then_watchdog_ends_a_stall(tiny_assets, tmp_pat
               for r in (0, 1)}
     assert "fault_at_step_start" in stacks[1]  # the stalled rank: where it stalls
     assert "all_reduce" in stacks[0]  # the waiting rank: inside the collective
+
+
+def test_nonfinite_kd_term_alone_names_the_teacher():
+    """Finite CE (so finite student logits) with a non-finite KD term: the teacher's side, not the learning rate."""
+    g = _guard(peer_flags=(0.0, 2.0, 0.0))  # rank 1: KD alone
+    g.check(torch.tensor([float("nan"), 1.0, float("nan"), 4.0]), torch.tensor(1.0))  # rank 0: KD alone too
+    assert g.bad_ranks == [0, 1]
+    with pytest.raises(NonFiniteError, match="the teacher's outputs are not finite") as e:
+        g.after_step(step_applied=False)
+    assert "lower train.lr does not help" in str(e.value)
+    g = _guard(peer_flags=(0.0, 2.0, 0.0))
+    g.check(torch.tensor([float("nan"), float("nan"), 1.0, 4.0]), torch.tensor(1.0))  # rank 0: the CE
+    with pytest.raises(NonFiniteError, match="lower train.lr, check the data"):
+        g.after_step(step_applied=False)

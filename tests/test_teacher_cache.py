@@ -7,12 +7,14 @@ One multi-rank test, three process starts (2-rank writer killed mid-run, 2-rank 
 1. The 2-rank writer dies after 3 batches (test hook, like a killed job, leaving a half-written *.tmp): complete
    shards stay, the cache reads as incomplete. The restart keeps them, recomputes only the rest; the index then
    holds every sample exactly once, and every row equals the teacher's log-softmax computed directly with plain
-   transformers in this process (by sample id, all 1000 ids of each position).
+   transformers in this process at the run's loss.temperature 2 (by sample id, all 1000 ids of each position).
 2. Training from the full-vocabulary (k = V) cache, on 1 rank with the stream's shuffling, logs the same loss /
    CE / KL / grad norm at every step as online training with loss.impl: full (within 1e-5 relative); training
-   from a k = 64 fp16 cache written on 1 rank stays within 1e-3 of online top-64 training. The k = 64 cache's rows
+   from a k = 64 fp16 cache written on 1 rank stays within 1e-3 of online top-64 training, both at T = 2 (the
+   cache is written at the training temperature, so its tail mass is exact). The k = 64 cache's rows
    equal the first 64 of the 2-rank cache (fp16 rounding aside).
-3. A cache that does not match the run is refused, naming the field: max_length, data, tokenizer, top_k; the
+3. A cache that does not match the run is refused, naming the field: max_length, data, tokenizer, top_k,
+   temperature; the
    writer refuses to resume another run's cache (k, dtype, data).
 """
 import json
@@ -107,7 +109,7 @@ def test_cache_write_resume_train_and_refuse(tiny_assets, tmp_path):
     with torch.no_grad():
         for r in ds:
             logits = teacher(input_ids=torch.tensor([r["input_ids"]])).logits[0, :-1, :V]
-            ref = F.log_softmax(logits.float(), -1)  # [n, V] positions 0..n-1 predict tokens 1..n
+            ref = F.log_softmax(logits.float() / 2.0, -1)  # [n, V] at loss.temperature 2: positions 0..n-1 predict 1..n
             got = _dense(cache, r["sample_id"], V)
             assert got.shape == ref.shape
             assert (got - ref).abs().max() < 1e-4, f"sample {r['sample_id']}"
@@ -117,8 +119,9 @@ def test_cache_write_resume_train_and_refuse(tiny_assets, tmp_path):
     other_tok = tmp_path / "other_tok"
     build_tokenizer(other_tok, vocab_size=900, files=stdlib_files(limit=8))
     online_full = cfg("online_full")
-    topk_t1 = {"impl": "topk", "temperature": 1.0, "top_k": 64}
-    online_topk = cfg("online_topk", loss=topk_t1)
+    # T = 2: the cache holds top-k log-probs at T and the exact tail mass at T, so it equals online top-k at T
+    topk_t2 = {"impl": "topk", "temperature": 2.0, "top_k": 64}
+    online_topk = cfg("online_topk", loss=topk_t2)
     refuse = cached(cfg("refused"), cache_v)
     spec = {
         "out": str(tmp_path / "driver.json"),
@@ -135,6 +138,7 @@ def test_cache_write_resume_train_and_refuse(tiny_assets, tmp_path):
             "data": {**refuse, "data": {**refuse["data"], "train_files": [str(other)]}},
             "tokenizer": {**refuse, "tokenizer_path": str(other_tok)},
             "top_k": {**cached(cfg("refused"), cache_64), "loss": {**refuse["loss"], "top_k": 128}},
+            "temperature": {**refuse, "loss": {**refuse["loss"], "temperature": 1.0}},
         },
         "writer_refusals": {
             "k": {"config": cfg("w"), "cache_dir": str(cache_v), "top_k": 64, "dtype": "fp32"},
@@ -181,8 +185,10 @@ def test_cache_write_resume_train_and_refuse(tiny_assets, tmp_path):
     ref, wref = res["refusals"], res["writer_refusals"]
     assert "max_length: cache 64, run 48" in ref["max_length"]
     assert "data_fingerprint" in ref["data"] and "max_length" not in ref["data"]
-    assert "tokenizer_fingerprint" in ref["tokenizer"]
+    # another tokenizer_path is now refused before the cache is opened: its ids differ from the student's own
+    assert "tokenizer_path" in ref["tokenizer"] and "does not match the tokenizer of student.path" in ref["tokenizer"]
     assert "top_k: cache 64, run loss.top_k 128" in ref["top_k"]
+    assert "temperature: cache 2.0, run 1.0" in ref["temperature"] and "loss.temperature" in ref["temperature"]
     assert f"top_k: cache {V}, run 64" in wref["k"] and "dtype" not in wref["k"]
     assert "dtype: cache fp32, run fp16" in wref["dtype"]
     assert "data_fingerprint" in wref["data"]
