@@ -21,6 +21,7 @@ import importlib.util
 import json
 import math
 import os
+import shutil
 import socket
 import threading
 from pathlib import Path
@@ -159,6 +160,59 @@ def test_sandbox_stops_hostile_completions(tmp_path):
     assert out.status == "passed", out
     cwd, nproc, mem, unpriv = out.stdout.split()
     assert cwd.endswith("/work") and int(nproc) == 8 and int(mem) == 256 and unpriv == "True"
+    # the process limit holds: of 30 forks that each keep their child alive, fewer than max_procs succeed
+    out = sandbox.run_python(FORK_COUNT, limits)
+    assert out.status == "passed" and 0 < int(out.stdout) < 8, out
+    assert _sandbox_processes() == []
+
+
+FORK_COUNT = ("import os, time\nn = 0\nfor _ in range(30):\n    try:\n        if os.fork() == 0:\n"
+              "            time.sleep(30)\n            os._exit(0)\n        n += 1\n    except OSError:\n"
+              "        pass\nprint(n)\n")
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv") or not os.path.exists("/usr/bin/python3"),
+                    reason="needs root (to become another user with setpriv) and /usr/bin/python3")
+def test_sandbox_as_unprivileged_user():
+    """The non-root path (a user namespace instead of a uid change), run by a plain user through the system
+    Python (sandbox.py imports only the standard library)."""
+    import tempfile
+
+    code = Path(tempfile.mkdtemp(prefix="ds_distill_test_"))  # pytest's tmp dirs are private to root
+    try:
+        _run_as_user(code)
+    finally:
+        shutil.rmtree(code, ignore_errors=True)
+
+
+def _run_as_user(code: Path):
+    import subprocess
+
+    shutil.copy(ROOT / "ds_distill" / "sandbox.py", code / "sandbox.py")
+    escape = Path("/tmp") / f"ds_distill_escape_user_{os.getpid()}"
+    driver = code / "driver.py"
+    driver.write_text(f"""import json, sys
+sys.path.insert(0, {str(code)!r})
+import sandbox
+lim = sandbox.Limits(timeout_s=3, max_procs=8, memory_mb=256)
+out = {{}}
+for name, src in (("write", "open({str(escape)!r}, 'w').write('x')"), ("forks", {FORK_COUNT!r}),
+                  ("net", "import socket; socket.create_connection(('127.0.0.1', 9), timeout=1)"),
+                  ("loop", "while True: pass")):
+    o = sandbox.run_python(src, lim)
+    out[name] = [o.status, o.stdout.strip(), sandbox.missing_isolation(o), o.isolation.get("user_namespace")]
+print(json.dumps(out))
+""")
+    for p in (code, driver, code / "sandbox.py"):
+        os.chmod(p, 0o755)
+    proc = subprocess.run(["setpriv", "--reuid=4321", "--regid=4321", "--clear-groups", "/usr/bin/python3",
+                           str(driver)], capture_output=True, text=True, timeout=120, cwd="/")
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(proc.stdout)
+    assert all(v[2] == [] and v[3] is True for v in got.values()), got
+    assert got["write"][0] == "failed" and not escape.exists()
+    assert got["forks"][0] == "passed" and 0 < int(got["forks"][1]) < 8
+    assert got["net"][0] == "failed" and got["loop"][0] == "timeout"
 
 
 # ----------------------------------------------------------------------------------------------------------------
