@@ -385,3 +385,25 @@ def test_gsm8k_local_task_copy_model_scores_one_wrong_scores_zero(tiny_assets, t
         for i, (_, _, n) in enumerate(GSM_PROBLEMS):  # the harness extracted the number the model wrote
             assert strict[i] == [str(n if want else n + 1)], (name, i, strict[i])
     assert "| gsm8k_local/exact_match,strict-match | 1.0000 | 0.0000 |" in (out / "eval.md").read_text()
+
+
+def test_task_options_validated_with_the_key_named(tiny_assets, tmp_path):
+    from ds_distill.config import parse_config, validate
+    from ds_distill.errors import ConfigError
+
+    d = tiny_assets["data"]
+    cfg = parse_config(["--student.path", tiny_assets["student"], "--loss.alpha", "0",
+                        "--data.train_files", f'["{d}/text_train.jsonl"]',
+                        "--eval.tasks.lm_eval_tasks", "[gsm8k_local]", "--eval.tasks.lm_eval_include",
+                        str(tmp_path / "nowhere"), "--eval.tasks.humaneval", "true", "--eval.tasks.humaneval_k",
+                        "[1, 10]", "--eval.tasks.models", "[teacher, student_after]"])
+    assert cfg.eval.tasks.lm_eval_tasks == ["gsm8k_local"] and cfg.eval.tasks.humaneval is True
+    with pytest.raises(ConfigError) as e:
+        validate(cfg)
+    msg = str(e.value)
+    for key in ("eval.tasks.lm_eval_include", "eval.tasks.humaneval_k", "eval.tasks.models"):
+        assert key in msg, (key, msg)
+    # launch/eval.py: the same checks under its own option names, exit 2 before any model loads
+    code = eval_main(["--model", tiny_assets["student"], "--humaneval", "--humaneval_k", "5",
+                      "--out", str(tmp_path / "o")])
+    assert code == 2 and not (tmp_path / "o").exists()
