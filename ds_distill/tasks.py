@@ -177,10 +177,11 @@ def score_completions(problems: list[dict], completions: dict[str, list[str]], *
 
 def evaluate_models(columns: list[tuple[str, str]], opts: TasksConfig, *, out_dir: Optional[str] = None,
                     device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None,
-                    key: str = "eval.tasks", log=print) -> dict[str, dict]:
+                    tokenizer_path: Optional[str] = None, key: str = "eval.tasks", log=print) -> dict[str, dict]:
     """{column name: {"lm_eval": run_lm_eval's dict, "humaneval": score_completions' dict}} for each
     (name, model directory), one model loaded at a time. With out_dir, lm-eval's per-sample records go to
-    out_dir/lm_eval_samples_<name>.jsonl and the HumanEval completions to out_dir/humaneval_<name>.jsonl."""
+    out_dir/lm_eval_samples_<name>.jsonl and the HumanEval completions to out_dir/humaneval_<name>.jsonl.
+    Each model uses the tokenizer saved in its directory, or `tokenizer_path` for all when given."""
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or (torch.float32 if device.type == "cpu" else torch.bfloat16)
     manager = task_manager(opts.lm_eval_include, list(opts.lm_eval_tasks), key) if opts.lm_eval_tasks else None
@@ -191,7 +192,7 @@ def evaluate_models(columns: list[tuple[str, str]], opts: TasksConfig, *, out_di
     for name, path in columns:
         t0 = time.time()
         models.check_model_dir(path, f"{key} model '{name}'")
-        tokenizer = models.load_tokenizer(path)
+        tokenizer = models.load_tokenizer(tokenizer_path or path)
         model = models.load_causal_lm(path, dtype=dtype).to(device).eval()
         slug = "".join(ch if ch.isalnum() else "_" for ch in name)
         col: dict = {}

@@ -422,7 +422,7 @@ def run_task_evals(run: Run, tracker: Tracker) -> Optional[dict]:
         results = tasks.evaluate_models([(TASK_MODEL_NAMES[m], paths[m]) for m in T.models], T, out_dir=out_dir,
                                         device=engines.device(),
                                         dtype=engines.torch_dtype(engines.resolve_precision(cfg.train.precision)),
-                                        log=tracker.message)
+                                        tokenizer_path=cfg.tokenizer_path, log=tracker.message)
         with open(os.path.join(out_dir, "tasks.json"), "w") as f:
             json.dump({"results": results, "options": dataclasses.asdict(T)}, f, indent=1)
         row = {f"tasks/{name}/{k}": v for name, col in results.items() for k, v in tasks.flat_metrics(col).items()}

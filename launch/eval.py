@@ -49,7 +49,8 @@ def parse_args(argv=None):
     ap.add_argument("--micro_batch_size", type=int, default=4, help="sequences per rank per forward")
     ap.add_argument("--max_batches", type=int, default=0, help="cap eval micro-batches per rank (0 = all)")
     ap.add_argument("--chunk_size", type=int, default=1024, help="positions per lm_head chunk ([chunk, V] logits)")
-    ap.add_argument("--tokenizer", help="tokenizer directory (default: the teacher's, else the first model's)")
+    ap.add_argument("--tokenizer", help="tokenizer directory (default: the teacher's, else the first model's; "
+                    "task evaluations: each model's own)")
     ap.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                     help="auto: bf16 on GPUs, fp32 on CPU")
     ap.add_argument("--zero3", action="store_true", help="partition the models with ZeRO-3 across the ranks")
@@ -165,9 +166,9 @@ def main(argv=None) -> int:
         reduce = engines.all_reduce_sum if distributed else (lambda t: t)
         t_fn = t_w = None
         t_rows = None
-        if args.teacher:
+        if args.teacher and ds is not None:
             t_fn, t_w, t_rows = load(args.teacher)
-        cache = evaluate.TeacherCache() if args.teacher else None
+        cache = evaluate.TeacherCache() if args.teacher and ds is not None else None
         columns = ([("student before", args.student_before)] if args.student_before else []) + list(
             zip(column_names(args), args.model))
         results = {}
@@ -186,7 +187,8 @@ def main(argv=None) -> int:
                 os.makedirs(args.out, exist_ok=True)
                 task_columns = ([("teacher", args.teacher)] if args.teacher else []) + columns
                 task_results = tasks.evaluate_models(task_columns, args.tasks, out_dir=args.out, device=device,
-                                                     dtype=dtype, key="-", log=lambda m: print(m, file=sys.stderr))
+                                                     dtype=dtype, tokenizer_path=args.tokenizer, key="-",
+                                                     log=lambda m: print(m, file=sys.stderr))
             if distributed:
                 engines.barrier()
         seconds = time.time() - t0

@@ -134,7 +134,7 @@ def test_sandbox_stops_hostile_completions(tmp_path):
         "write_tmp": f"    open({str(tmp_file)!r}, 'w').write('x')\n",
         "network": f"    import socket\n    socket.create_connection(('127.0.0.1', {port}), timeout=2).sendall(b'x')\n",
     }
-    limits = sandbox.Limits(timeout_s=4, cpu_s=4, memory_mb=256, max_procs=8)
+    limits = sandbox.Limits(timeout_s=4, cpu_s=8, memory_mb=256, max_procs=8)  # the wall clock stops loops
     comps = {problem["task_id"]: [body + problem["canonical_solution"] for body in hostile.values()]
              + [problem["canonical_solution"]]}
     before = len(os.listdir("/proc"))
@@ -163,6 +163,9 @@ def test_sandbox_stops_hostile_completions(tmp_path):
     # the process limit holds: of 30 forks that each keep their child alive, fewer than max_procs succeed
     out = sandbox.run_python(FORK_COUNT, limits)
     assert out.status == "passed" and 0 < int(out.stdout) < 8, out
+    # the CPU limit ends a busy loop on its own, before the wall clock
+    out = sandbox.run_python("while True:\n    pass\n", sandbox.Limits(timeout_s=30, cpu_s=1))
+    assert out.status == "failed" and out.returncode < 0 and out.seconds < 15, out
     assert _sandbox_processes() == []
 
 
