@@ -322,7 +322,8 @@ GSM_PROBLEMS = [
 
 def train_copier(out_dir: Path, tok, pairs: list[tuple[str, str]], seed: int = 0, max_steps: int = 400) -> None:
     """A tiny Qwen3 trained until greedy decoding after 'Question: q\\nAnswer:' reproduces ' a' then eos exactly
-    (every answer token is the argmax given the previous ones), saved as safetensors with the tokenizer."""
+    (every answer token is the argmax given the previous ones, by a logit margin > 0.5), saved as safetensors
+    with the tokenizer."""
     from transformers import AutoModelForCausalLM, Qwen3Config
 
     torch.manual_seed(seed)
@@ -347,7 +348,11 @@ def train_copier(out_dir: Path, tok, pairs: list[tuple[str, str]], seed: int = 0
     opt = torch.optim.AdamW(model.parameters(), lr=2e-2, weight_decay=0.0)
     for _ in range(max_steps):
         out = model(input_ids=ids, attention_mask=mask, labels=labels)
-        if (out.logits[:, :-1].argmax(-1) == ids[:, 1:])[answer[:, 1:]].all():
+        logits = out.logits[:, :-1][answer[:, 1:]]  # [answer tokens, V]: each predicts the next answer token
+        target = ids[:, 1:][answer[:, 1:]]
+        top2 = logits.topk(2, -1).values
+        # argmax everywhere, by a margin that incremental (KV-cache) decoding's rounding cannot overturn
+        if (logits.argmax(-1) == target).all() and (top2[:, 0] - top2[:, 1]).min() > 0.5:
             break
         opt.zero_grad()
         out.loss.backward()
