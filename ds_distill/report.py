@@ -75,11 +75,13 @@ def _plot(path: str, title: str, panels: list[tuple[str, list[tuple[str, list, l
 
 
 def write_report(output_dir: str, rows: list[dict], *, title: str = "ds_distill run report",
-                 columns: Optional[dict[str, dict]] = None, notes: Optional[list[str]] = None) -> dict:
+                 columns: Optional[dict[str, dict]] = None, notes: Optional[list[str]] = None,
+                 task_results: Optional[dict[str, dict]] = None, task_note: str = "") -> dict:
     """Write report.md, the PNGs and report_data.json into output_dir; returns {png name: {line: {x, y}}}.
 
     rows: metrics.jsonl rows (train rows and eval rows, each with its step). columns: the final table
     ({column: finalize()-style dict}); by default the first eval (step 0: before training) and the last eval.
+    task_results: eval.tasks results ({model: tasks.evaluate_models column}), shown as a task accuracy table.
     """
     os.makedirs(output_dir, exist_ok=True)
     data: dict[str, dict] = {}
@@ -123,6 +125,11 @@ def write_report(output_dir: str, rows: list[dict], *, title: str = "ds_distill 
         md += ["## Held-out evaluation", "",
                "Token-weighted over the trained tokens of data.eval_files (the teacher's values do not change).",
                "", markdown_table(columns), ""]
+    if task_results:
+        from .tasks import markdown_table as task_table
+
+        md += ["## Task accuracy", "", task_note, "", task_table(task_results), "",
+               "Per-sample records: tasks/ (lm_eval_samples_*.jsonl, humaneval_*.jsonl, tasks.json).", ""]
     md += ["## Plots", ""]
     for png, caption in (("losses.png", "Training loss"), ("eval_ppl.png", "Held-out perplexity"),
                          ("gap.png", "Gap to the teacher")):

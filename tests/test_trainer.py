@@ -5,7 +5,9 @@
    process without DeepSpeed; for ZeRO-3 and for ZeRO-0 (so the partitioned fused-loss path equals unpartitioned).
 2. A full tiny run with W&B offline: the loss falls, ZeRO-3 partitions the student (each rank about half),
    metrics.jsonl and the W&B run file carry identical CE/KL/total per step, and the export loads with
-   AutoModelForCausalLM, differs from the initial weights, and generates.
+   AutoModelForCausalLM, differs from the initial weights, and generates. The same run has eval.tasks (a local
+   multiple-choice lm-eval task and 2 HumanEval problems) on the student before and after: the accuracies in
+   report.md, metrics.jsonl and the W&B run equal those computed from each model's own HF log-likelihoods.
 """
 import json
 import math
@@ -80,13 +82,18 @@ def test_two_ranks_two_microbatches_equal_global_mean_fp64(tiny_assets, tmp_path
 
 
 def test_tiny_run_end_to_end_with_wandb_offline(tiny_assets, tmp_path):
+    from test_tasks import hf_choice_loglikelihoods, mc_accuracy, write_mc_task
+
     out = tmp_path / "run"
+    include, mc_rows = write_mc_task(tmp_path / "tasks", n=16)
     cfg = tiny_config(tiny_assets, out, fmt="guanaco", train={"max_steps": 16, "lr": 1e-2, "warmup_steps": 2,
                                                              "micro_batch_size": 4, "grad_accum_steps": 2},
                       loss={"alpha": 0.5, "temperature": 2.0, "impl": "chunked", "chunk_size": 64},
-                      wandb={"mode": "offline", "project": "ds_distill_test"})
+                      wandb={"mode": "offline", "project": "ds_distill_test"},
+                      eval={"tasks": {"lm_eval_tasks": ["local_mc"], "lm_eval_include": include,
+                                      "humaneval": True, "humaneval_limit": 2, "humaneval_max_new_tokens": 8}})
     proc = run_deepspeed(ROOT / "launch" / "train.py", ["--config", write_yaml(cfg, tmp_path / "c.yaml")],
-                         env={"WANDB_DIR": str(out)})
+                         env={"WANDB_DIR": str(out), "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"})
     assert_ok(proc)
     rows = [r for r in read_jsonl(out / "metrics.jsonl") if "loss/total" in r]
     assert [r["step"] for r in rows] == list(range(1, 17))
@@ -133,3 +140,22 @@ def test_tiny_run_end_to_end_with_wandb_offline(tiny_assets, tmp_path):
     assert gen.shape[1] == ids["input_ids"].shape[1] + 8 or tok.eos_token_id in gen[0].tolist()
     saved_cfg = json.loads((out / "final" / "ds_distill_config.json").read_text())
     assert saved_cfg["loss"]["alpha"] == 0.5 and saved_cfg["wandb"]["mode"] == "offline"
+
+    # eval.tasks: the student before and after, in report.md, metrics.jsonl and W&B, equal to HF's own numbers
+    want = {"student before": mc_accuracy(hf_choice_loglikelihoods(tiny_assets["student"], mc_rows), mc_rows),
+            "student after": mc_accuracy(hf_choice_loglikelihoods(str(out / "final"), mc_rows), mc_rows)}
+    task_row = next(r for r in read_jsonl(out / "metrics.jsonl") if any(k.startswith("tasks/") for k in r))
+    assert task_row["step"] == 16
+    report_md = (out / "report.md").read_text()
+    assert "## Task accuracy" in report_md
+    cells = [f"{task_row[f'tasks/{m}/local_mc/acc,none']:.4f}" for m in want]
+    assert f"| local_mc/acc,none | {cells[0]} | {cells[1]} |" in report_md, report_md
+    humaneval_cells = [f"{task_row[f'tasks/{m}/humaneval/pass@1']:.4f}" for m in want]
+    assert f"| humaneval/pass@1 | {humaneval_cells[0]} | {humaneval_cells[1]} |" in report_md
+    wb_task = next(h for h in wb["history"] if any(k.startswith("tasks/") for k in h))
+    for m, acc in want.items():
+        key = f"tasks/{m}/local_mc/acc,none"
+        assert task_row[key] == pytest.approx(acc, abs=1e-12) and wb_task[key] == task_row[key], m
+    saved = json.loads((out / "tasks" / "tasks.json").read_text())["results"]
+    assert saved["student after"]["humaneval"]["problems"] == 2 and saved["student after"]["humaneval"][
+        "sandbox_missing"] == []
