@@ -143,6 +143,15 @@ class TrainConfig:
     """auto = bf16 on GPUs, fp32 on CPU (bf16 matmuls are emulated on most CPUs and ~300x slower)."""
     offload_optimizer: bool = False
     """Keep the optimizer states in CPU memory (ZeRO-Offload)."""
+    optimizer: Literal["auto", "torch", "deepspeed"] = "auto"
+    """AdamW implementation. torch: torch.optim.AdamW(fused=True), nothing to compile. deepspeed: DeepSpeed's
+    FusedAdam (GPUs: JIT-compiled with nvcc at the first start, needs a CUDA toolkit matching torch) or CPUAdam under
+    train.offload_optimizer. auto = torch on GPUs, deepspeed on CPU (its op is prebuilt by launch/install.sh). The
+    start-up log names the optimizer the engine built."""
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    """auto: the accelerator DeepSpeed finds, except that a job which was given GPUs (CUDA_VISIBLE_DEVICES,
+    SLURM_*GPUS*, /dev/nvidia*) that torch cannot use is refused instead of silently running on the CPU. cuda: refuse
+    to start without a usable GPU. cpu: run on the CPU on purpose (with GPUs present, also set DS_ACCELERATOR=cpu)."""
     nonfinite: Literal["abort", "skip"] = "abort"
     """On a non-finite loss (any rank) or gradient norm the update is discarded before the optimizer touches the
     weights (DeepSpeed's overflow check; the LR schedule does not advance). abort: checkpoint the last good step and

@@ -124,12 +124,11 @@ class StepGuard:
         backpropagated. Returns the loss to backpropagate (NaN-poisoned when any rank's loss is not finite).
         """
         flags = torch.zeros(self.world_size + 1, dtype=torch.float64, device=self.device)
-        if not bool(torch.isfinite(local_sums[:3]).all()):
-            flags[self.rank] = 1.0
+        flags[self.rank] = (~torch.isfinite(local_sums[:3]).all()).double()  # on the device: no host sync
         if sigterm_requested():
             flags[self.world_size] = 1.0
         self.all_reduce_sum(flags)
-        f = flags.tolist()  # host sync (the step's other all-reduces sync anyway)
+        f = flags.tolist()  # host sync: the one a step needs before its last backward
         self.bad_ranks = [r for r in range(self.world_size) if f[r] > 0]
         self.stop_requested = f[self.world_size] > 0
         self.checked = True

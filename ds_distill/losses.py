@@ -244,6 +244,7 @@ def distill_loss(
     chunk_size: int = 1024,
     top_k: int = 64,
     layout: str = "auto",
+    rows: Tensor | None = None,
 ) -> LossSums:
     """Distillation + CE loss sums for N positions (see the module docstring for every convention).
 
@@ -252,6 +253,8 @@ def distill_loss(
     [Vt_rows, Ht] likewise for the teacher, or teacher_topk = (ids [N, k], logprobs [N, k]) from an offline cache
     (impl="topk" only). alpha == 0 trains CE only and needs no teacher. `layout` (chunked / topk) is the chunk
     logits' memory layout, see `chunk_layout`; it changes speed only, never the result beyond fp32 rounding.
+    `rows` [n]: the indices of the trained labels when the caller found them and checked the labels (and top-k
+    ids) against the vocabulary on the host; the loss then reads no value on the device (no host synchronisation).
     """
     if divergence not in DIVERGENCES:
         raise ValueError(f"divergence={divergence!r}: expected one of {DIVERGENCES}")
@@ -291,13 +294,15 @@ def distill_loss(
                  need_grad_weight=grad_on and student_weight.requires_grad,
                  layout=chunk_layout(layout))
 
-    # Drop untrained positions before any matmul (one host sync); also validates the labels.
-    valid = labels != IGNORE_INDEX
-    rows = valid.nonzero().squeeze(1)
-    lab = labels.index_select(0, rows)
-    if lab.numel() and (int(lab.min()) < 0 or int(lab.max()) >= vocab_size):
-        raise ValueError(f"labels must be -100 or in [0, {vocab_size}); got values in [{int(lab.min())}, "
-                         f"{int(lab.max())}]")
+    checked = rows is not None
+    if checked:
+        lab = labels.index_select(0, rows)
+    else:  # drop untrained positions before any matmul (host syncs: nonzero, the label check)
+        rows = (labels != IGNORE_INDEX).nonzero().squeeze(1)
+        lab = labels.index_select(0, rows)
+        if lab.numel() and (int(lab.min()) < 0 or int(lab.max()) >= vocab_size):
+            raise ValueError(f"labels must be -100 or in [0, {vocab_size}); got values in [{int(lab.min())}, "
+                             f"{int(lab.max())}]")
 
     if impl == "full":
         return _full_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, rows, lab, opts)
@@ -310,7 +315,7 @@ def distill_loss(
         if rows.numel() != labels.shape[0]:
             ids, lps = ids.index_select(0, rows), lps.index_select(0, rows)
         topk_ids, topk_lp = ids.long(), lps.float()
-        if topk_ids.numel() and (int(topk_ids.min()) < 0 or int(topk_ids.max()) >= vocab_size):
+        if not checked and topk_ids.numel() and (int(topk_ids.min()) < 0 or int(topk_ids.max()) >= vocab_size):
             raise ValueError(f"teacher_topk ids must be in [0, {vocab_size}) (padded rows never get probability)")
     t_hidden = teacher_hidden
     if teacher_hidden is not None and rows.numel() != labels.shape[0]:
@@ -331,7 +336,7 @@ def _pack(total: Tensor, stats: Tensor, n_tokens: int, opts: _Opts) -> LossSums:
     if opts.alpha == 0:  # no teacher: teacher-side metrics do not exist
         for k in ("agree", "teacher_entropy", "topk_mass"):
             metrics.pop(k, None)
-    tokens = torch.tensor(n_tokens, dtype=torch.int64, device=total.device)
+    tokens = torch.full((), n_tokens, dtype=torch.int64, device=total.device)  # a fill, not a host-to-device copy
     return LossSums(total=total, ce=stats[0], kd=stats[1], tokens=tokens, metrics=metrics)
 
 

@@ -118,15 +118,25 @@ class StudentWithLoss(nn.Module):
         return _lm_head(self.model).weight
 
     def forward(self, input_ids, attention_mask, labels, loss_kwargs: dict, teacher_hidden=None,
-                teacher_weight=None, teacher_topk=None, hidden_only: bool = False):
+                teacher_weight=None, teacher_topk=None, hidden_only: bool = False, keep=None):
+        """`keep` [n]: the flat indices of the trained positions of labels[:, 1:] when the caller computed them on
+        the host (trainer.host_prepare: labels already checked against the vocabulary); then nothing here reads a
+        value on the device. Without it they are found here (a host synchronisation)."""
         hidden = _decoder(self.model)(input_ids=input_ids, attention_mask=attention_mask,
                                       use_cache=False).last_hidden_state  # [B, S, H]
         if hidden_only:  # evaluation (evaluate.py): the final hidden states, through the engine's ZeRO-3 hooks
             return hidden
         targets = labels[:, 1:].reshape(-1)  # [N]
-        keep = (targets != IGNORE_INDEX).nonzero().squeeze(1)
+        checked = keep is not None
+        if keep is None:
+            keep = (targets != IGNORE_INDEX).nonzero().squeeze(1)
+        loss_rows = None  # the trained rows among the kept ones: all of them, unless none is trained
         if keep.numel() == 0:  # fully masked micro-batch: one ignored row keeps every rank's graph identical
             keep = torch.zeros(1, dtype=torch.long, device=targets.device)
+            if checked:
+                loss_rows = torch.zeros(0, dtype=torch.long, device=targets.device)
+        elif checked:
+            loss_rows = torch.arange(keep.numel(), device=targets.device)
         h = hidden[:, :-1].reshape(-1, hidden.shape[-1]).index_select(0, keep)
         t_h = None
         if teacher_hidden is not None:
@@ -138,7 +148,7 @@ class StudentWithLoss(nn.Module):
                       lps.reshape(-1, lps.shape[-1]).index_select(0, keep))
         out: LossSums = distill_loss(h, _lm_head(self.model).weight, targets.index_select(0, keep),
                                      teacher_hidden=t_h, teacher_weight=teacher_weight, teacher_topk=t_topk,
-                                     **loss_kwargs)
+                                     rows=loss_rows, **loss_kwargs)
         metrics = torch.stack([out.metrics.get(k, torch.zeros((), device=h.device)).float().reshape(())
                                for k in self.METRIC_KEYS])
         return out.total, out.ce, out.kd, out.tokens.float(), metrics

@@ -115,10 +115,14 @@ def check_top_k(cfg: DistillConfig, vocab_size: int) -> None:
 
 
 def build(cfg: DistillConfig) -> Run:
+    engines.check_device(cfg.train.device)  # before the process group: a silent CPU fallback would pick gloo
     rank, world, _ = engines.init_distributed(guards.process_group_timeout(cfg.train.watchdog_timeout_s))
     validate(cfg, world)
     check_output_dir(cfg, rank)
     precision = engines.resolve_precision(cfg.train.precision)
+    if rank == 0:
+        print(f"[ds_distill] {engines.describe_device(precision)} (train.device: {cfg.train.device}, "
+              f"train.precision: {cfg.train.precision})", flush=True)
     dtype = engines.torch_dtype(precision)
     T = cfg.train
 
@@ -166,8 +170,8 @@ def build(cfg: DistillConfig) -> Run:
     student_ds = engines.student_ds_config(
         micro_batch_size=T.micro_batch_size, grad_accum_steps=T.grad_accum_steps, world_size=world,
         zero_stage=T.zero_stage, precision=precision, lr=T.lr, betas=T.betas, weight_decay=T.weight_decay,
-        grad_clip=T.grad_clip,
-        offload_optimizer=T.offload_optimizer, overrides=cfg.ds_config_overrides)
+        grad_clip=T.grad_clip, offload_optimizer=T.offload_optimizer,
+        optimizer=engines.resolve_optimizer(T.optimizer), overrides=cfg.ds_config_overrides)
     torch.manual_seed(T.seed)
     student = engines.load_partitioned(lambda: models.load_causal_lm(
         cfg.student.path, dtype=dtype, trust_remote_code=cfg.student.trust_remote_code,
@@ -189,6 +193,9 @@ def build(cfg: DistillConfig) -> Run:
     # from_pretrained returns the model in eval mode: without train(), activation checkpointing (which HF applies
     # only in training mode) and dropout (LoRA's included) would silently be off
     student_engine.train()
+    if rank == 0:
+        print(f"[ds_distill] optimizer: {engines.describe_optimizer(student_engine)} (train.optimizer: "
+              f"{T.optimizer})", flush=True)
     held, total = engines.partition_counts(student_engine.module)
     print(f"[ds_distill] rank {rank}/{world}: student ZeRO-{T.zero_stage} holds {held} of {total} parameter "
           f"elements ({100.0 * held / max(total, 1):.1f}%)", flush=True)
@@ -224,7 +231,9 @@ def build(cfg: DistillConfig) -> Run:
     state = checkpoint.ResumeState()
     resume_from = None
     if cfg.checkpoint.resume == "auto":
-        resume_from = checkpoint.find_latest(ckpt_root)
+        # decided once, on rank 0, and broadcast: ranks whose filesystems differ (node-local output_dir, a lagging
+        # network filesystem) cannot pick different checkpoints, or some resume and others start fresh
+        resume_from = engines.broadcast_object(checkpoint.find_latest(ckpt_root) if rank == 0 else None)
     elif cfg.checkpoint.resume != "never":
         resume_from = cfg.checkpoint.resume
     if resume_from:
@@ -246,8 +255,33 @@ def build(cfg: DistillConfig) -> Run:
     return run
 
 
+def host_prepare(mb: dict, vocab_size: int, topk: Optional[tuple] = None) -> tuple[dict, int, int]:
+    """Host side of a micro-batch, before it is copied to the device: everything that reads values (not only
+    shapes) is done here, where reading a tensor costs no device synchronisation.
+
+    Returns (the micro-batch with `keep` [n]: flat indices of the trained positions of labels[:, 1:], what the loss
+    reads; trained tokens n; attended tokens). Checks the labels and a cached top-k's ids against the vocabulary,
+    which the loss then does not re-check on the device.
+    """
+    targets = mb["labels"][:, 1:].reshape(-1)  # [B*(S-1)]
+    keep = (targets != models.IGNORE_INDEX).nonzero().squeeze(1)
+    lab = targets.index_select(0, keep)
+    if lab.numel() and (int(lab.min()) < 0 or int(lab.max()) >= vocab_size):
+        raise data.DataError(f"data: label ids in [{int(lab.min())}, {int(lab.max())}] outside the vocabulary of "
+                             f"{vocab_size} tokens (sample ids {mb['sample_ids'].tolist()}) -> the tokenizer and "
+                             "the models disagree: check tokenizer_path")
+    if topk is not None and topk[0].numel() and (int(topk[0].min()) < 0 or int(topk[0].max()) >= vocab_size):
+        raise data.DataError(f"teacher.cache: top-k ids outside [0, {vocab_size}) -> rebuild the cache with this "
+                             "run's teacher and tokenizer")
+    return {**mb, "keep": keep}, int(keep.numel()), int(mb["attention_mask"].sum())
+
+
 def _to_device(mb: dict, dev: torch.device) -> dict:
-    return {k: v.to(dev, non_blocking=True) for k, v in mb.items()}
+    """Copy a micro-batch to `dev`: from pinned host memory on accelerators (an asynchronous DMA; a pageable copy
+    makes the host wait for it)."""
+    if dev.type == "cpu":
+        return dict(mb)
+    return {k: v.pin_memory().to(dev, non_blocking=True) for k, v in mb.items()}
 
 
 def train_step(run: Run, micro_batches: list[dict], before_step=None,
@@ -256,22 +290,30 @@ def train_step(run: Run, micro_batches: list[dict], before_step=None,
 
     `before_step(local_sums)` runs after the last backward and before the optimizer step, on every rank: the
     gradients of the whole step are then complete (read them with `engines.full_grad`), and the weights untouched.
+
+    Host synchronisations: one in `guard.check` (its flags decide before the last backward) and one at the end
+    (the step's sums and this rank's peak memory, all-reduced together). The token counts are known on the host
+    before any copy; the normaliser stays a device tensor. tests/test_gpu_readiness.py counts them.
     """
     eng, teacher = run.student_engine, run.teacher_engine
     dev = engines.device()
+    topks = []
+    if run.teacher_topk_cache is not None:  # rows by sample id, aligned with labels[:, 1:]: [B, S-1, k] each
+        topks = [run.teacher_topk_cache.batch(mb["sample_ids"], mb["attention_mask"]) for mb in micro_batches]
+    prepared = [host_prepare(mb, run.loss_kwargs["vocab_size"], topks[i] if topks else None)
+                for i, mb in enumerate(micro_batches)]
+    micro_batches = [p[0] for p in prepared]
     # Global number of trained tokens of this step, known before any forward: the single normaliser.
-    local_tokens = sum(int((mb["labels"][:, 1:] != models.IGNORE_INDEX).sum()) for mb in micro_batches)
-    local_seq_tokens = sum(int(mb["attention_mask"].sum()) for mb in micro_batches)
-    counts = engines.all_reduce_sum(torch.tensor([local_tokens, local_seq_tokens], dtype=torch.float64, device=dev))
-    global_tokens, global_seq_tokens = counts.tolist()
-    scale = run.world_size / max(global_tokens, 1.0)  # x world: DeepSpeed averages gradients over ranks
+    local_tokens, local_seq_tokens = sum(p[1] for p in prepared), sum(p[2] for p in prepared)
+    counts = engines.all_reduce_sum(_to_device({"n": torch.tensor([local_tokens, local_seq_tokens],
+                                                                  dtype=torch.float64)}, dev)["n"])
+    scale = run.world_size / counts[0].clamp(min=1.0)  # x world: DeepSpeed averages gradients over ranks
 
     sums = torch.zeros(len(SUM_KEYS), dtype=torch.float64, device=dev)
-    for mb in micro_batches:
+    for i, mb in enumerate(micro_batches):
         teacher_topk = None
-        if run.teacher_topk_cache is not None:  # rows by sample id, aligned with labels[:, 1:]: [B, S-1, k] each
-            teacher_topk = tuple(t.to(dev, non_blocking=True) for t in
-                                 run.teacher_topk_cache.batch(mb["sample_ids"], mb["attention_mask"]))
+        if topks:
+            teacher_topk = tuple(_to_device({"ids": topks[i][0], "lps": topks[i][1]}, dev).values())
         mb = _to_device(mb, dev)
         teacher_hidden, teacher_weight = None, None
         if teacher is not None:
@@ -282,7 +324,8 @@ def train_step(run: Run, micro_batches: list[dict], before_step=None,
                 teacher_weight = teacher.module.lm_head_weight
             total, ce, kd, tokens, metrics = eng(mb["input_ids"], mb["attention_mask"], mb["labels"],
                                                  run.loss_kwargs, teacher_hidden=teacher_hidden,
-                                                 teacher_weight=teacher_weight, teacher_topk=teacher_topk)
+                                                 teacher_weight=teacher_weight, teacher_topk=teacher_topk,
+                                                 keep=mb["keep"])
         sums += torch.cat([torch.stack([total.detach(), ce, kd, tokens]).double(), metrics.double()])
         loss = total * scale
         if guard is not None and eng.is_gradient_accumulation_boundary():
@@ -291,10 +334,14 @@ def train_step(run: Run, micro_batches: list[dict], before_step=None,
         if before_step is not None and eng.is_gradient_accumulation_boundary():
             before_step(sums)
         eng.step()  # DeepSpeed applies the optimizer only at the accumulation boundary
-    engines.all_reduce_sum(sums)
-    out = dict(zip(SUM_KEYS, sums.tolist()))  # host sync: once per step
-    out["global_tokens"] = global_tokens
-    out["global_seq_tokens"] = global_seq_tokens
+    # this rank's peak memory in its own slot: the sum over ranks gathers them, max taken on the host
+    peaks = torch.zeros(run.world_size, dtype=torch.float64, device=dev)
+    peaks[run.rank] = engines.local_peak_memory_gb()
+    reduced = engines.all_reduce_sum(torch.cat([sums, peaks]))
+    host = torch.cat([reduced, counts]).tolist()  # host sync: once per step (counts are global already)
+    out = dict(zip(SUM_KEYS, host))
+    out["mem/peak_gb"] = max(host[len(SUM_KEYS):len(SUM_KEYS) + run.world_size])
+    out["global_tokens"], out["global_seq_tokens"] = host[-2:]
     return out
 
 
@@ -450,7 +497,7 @@ def train(run: Run, tracker: Tracker, watchdog: Optional[guards.Watchdog] = None
             run.state.tokens_seen += int(sums["tokens"])
             grad_norm = eng.get_global_grad_norm()
             last = step_metrics(sums, lr=lr, grad_norm=grad_norm, seconds=time.time() - t0)
-            last["mem/peak_gb"] = engines.peak_memory_gb()  # collective (max over ranks)
+            last["mem/peak_gb"] = sums["mem/peak_gb"]  # max over ranks, all-reduced with the step's sums
             if run.state.step % cfg.train.log_every == 0 or run.state.step == cfg.train.max_steps:
                 tracker.log(run.state.step, last)
         every = cfg.checkpoint.every_steps
