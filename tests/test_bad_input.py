@@ -178,7 +178,15 @@ CASES = {
                                 ["loss.top_k", "5000", "1000 tokens"]),
     "chunk_size_not_positive": (lambda a, d: ({"loss": {"chunk_size": 0}}, []), ["loss.chunk_size"]),
     "alpha_without_teacher": (lambda a, d: ({"teacher": {"path": None}}, []), ["loss.alpha", "teacher.path"]),
+    # GPUs handed to the job that this (CPU-only) torch cannot use: refused, not a silent CPU run (ENV_CASES)
+    "gpus_visible_torch_cannot_use": (lambda a, d: ({}, []), ["train.device: auto", "CUDA_VISIBLE_DEVICES=0",
+                                                             "CPU-only build", "train.device: cpu"]),
+    "slurm_step_gpus_torch_cannot_use": (lambda a, d: ({}, []), ["SLURM_STEP_GPUS=0,1", "CPU-only build"]),
+    "device_cuda_unusable": (lambda a, d: ({"train": {"device": "cuda"}}, []), ["train.device: cuda",
+                                                                               "CPU-only build"]),
 }
+ENV_CASES = {"gpus_visible_torch_cannot_use": {"CUDA_VISIBLE_DEVICES": "0"},
+             "slurm_step_gpus_torch_cannot_use": {"SLURM_STEP_GPUS": "0,1"}}
 
 
 def _prior_output(out: Path) -> None:
@@ -214,7 +222,7 @@ def results(tiny_assets, tmp_path_factory):
             (ck / "COMPLETE").write_text("step_00000002\n")
             (d / "out" / "checkpoints" / "latest").write_text("step_00000002\n")
         cases[name] = {"dir": str(d), "argv": ["--config", write_yaml(cfg, d / "config.yaml"), *argv],
-                       "env": {"OMP_NUM_THREADS": "1"}}
+                       "env": {"OMP_NUM_THREADS": "1", **ENV_CASES.get(name, {})}}
         before[name] = tree_digest(d)
     (base / "cases.json").write_text(json.dumps(cases))
     proc = subprocess.run([sys.executable, __file__, str(base / "cases.json"), str(base / "results.json")],
