@@ -83,6 +83,17 @@ class DataConfig:
     """Field holding the text for the text and guanaco formats (and instruction data stored as one text)."""
     max_length: int = 512
     """Sequences are truncated to this many tokens."""
+    packing: bool = False
+    """Pack each micro-batch's samples into as few rows of at most data.pack_length tokens as fit (first-fit
+    decreasing, rows balanced) instead of padding every sample to the longest: the same samples, data order and
+    per-sample losses, fewer padded token slots (logged as data/fill). Attention stays within each sample
+    (position_ids restart per sample and transformers builds a block-diagonal causal mask; with sdpa or eager
+    attention the masked blocks are still computed, flash_attention_2 skips them). Not with teacher.cache (its rows
+    are stored per sample)."""
+    pack_length: int = 0
+    """Longest packed row with data.packing, in tokens; 0 = 2 x data.max_length (samples that each fill most of
+    max_length could not share a row of max_length). Positions restart per sample, so no sample sees a position
+    beyond max_length; longer rows cost more masked attention with sdpa."""
 
 
 @dataclass
@@ -265,6 +276,12 @@ def validate(cfg: DistillConfig, world_size: Optional[int] = None) -> None:
                  "or loss.alpha: 0 for CE-only training")
     if cfg.teacher.path is not None and cfg.teacher.cache is not None:
         p.append("teacher.cache: set together with teacher.path -> give one of them (the cache replaces the model)")
+    if D.pack_length != 0 and D.pack_length < D.max_length:
+        p.append(f"data.pack_length: {D.pack_length} is below data.max_length ({D.max_length}) -> 0 (= 2 x "
+                 "max_length) or at least max_length")
+    if cfg.teacher.cache is not None and D.packing:
+        p.append("data.packing: true cannot be used with teacher.cache (the cache's rows are per unpacked sample) "
+                 "-> set data.packing: false")
     if cfg.teacher.cache is not None and L.impl != "topk":
         p.append(f"loss.impl: '{L.impl}' cannot use teacher.cache (it holds only the top-k) -> set loss.impl: topk")
     if L.temperature <= 0:

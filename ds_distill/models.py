@@ -88,8 +88,10 @@ class TeacherHidden(nn.Module):
     def lm_head_weight(self) -> nn.Parameter:
         return _lm_head(self.model).weight
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return _decoder(self.model)(input_ids=input_ids, attention_mask=attention_mask,
+    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor],
+                position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """attention_mask None + position_ids: packed rows (data.collate_packed), attention within each sample."""
+        return _decoder(self.model)(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                     use_cache=False).last_hidden_state
 
 
@@ -118,11 +120,11 @@ class StudentWithLoss(nn.Module):
         return _lm_head(self.model).weight
 
     def forward(self, input_ids, attention_mask, labels, loss_kwargs: dict, teacher_hidden=None,
-                teacher_weight=None, teacher_topk=None, hidden_only: bool = False, keep=None):
+                teacher_weight=None, teacher_topk=None, hidden_only: bool = False, keep=None, position_ids=None):
         """`keep` [n]: the flat indices of the trained positions of labels[:, 1:] when the caller computed them on
         the host (trainer.host_prepare: labels already checked against the vocabulary); then nothing here reads a
         value on the device. Without it they are found here (a host synchronisation)."""
-        hidden = _decoder(self.model)(input_ids=input_ids, attention_mask=attention_mask,
+        hidden = _decoder(self.model)(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                       use_cache=False).last_hidden_state  # [B, S, H]
         if hidden_only:  # evaluation (evaluate.py): the final hidden states, through the engine's ZeRO-3 hooks
             return hidden

@@ -243,7 +243,9 @@ def build(cfg: DistillConfig) -> Run:
                              "-> add data or use fewer ranks")
     stream = data.MicroBatchStream(train_ds, rank=rank, world_size=world, micro_batch_size=T.micro_batch_size,
                                    seed=T.seed, pad_token_id=tokenizer.pad_token_id,
-                                   samples_consumed=state.samples_consumed)
+                                   samples_consumed=state.samples_consumed,
+                                   pack_capacity=(cfg.data.pack_length or 2 * cfg.data.max_length)
+                                   if cfg.data.packing else 0)
     if state.data_state:
         stream.load_state_dict(state.data_state)  # same seed, rows and world size, or a DataError
     state.extra["run"] = run_identity(cfg)
@@ -276,6 +278,11 @@ def host_prepare(mb: dict, vocab_size: int, topk: Optional[tuple] = None) -> tup
     return {**mb, "keep": keep}, int(keep.numel()), int(mb["attention_mask"].sum())
 
 
+def token_slots(mb: dict) -> int:
+    """Token positions the models compute for a micro-batch (real tokens + padding): data/fill's denominator."""
+    return mb["input_ids"].numel()
+
+
 def _to_device(mb: dict, dev: torch.device) -> dict:
     """Copy a micro-batch to `dev`: from pinned host memory on accelerators (an asynchronous DMA; a pageable copy
     makes the host wait for it)."""
@@ -305,7 +312,8 @@ def train_step(run: Run, micro_batches: list[dict], before_step=None,
     micro_batches = [p[0] for p in prepared]
     # Global number of trained tokens of this step, known before any forward: the single normaliser.
     local_tokens, local_seq_tokens = sum(p[1] for p in prepared), sum(p[2] for p in prepared)
-    counts = engines.all_reduce_sum(_to_device({"n": torch.tensor([local_tokens, local_seq_tokens],
+    local_slots = sum(token_slots(mb) for mb in micro_batches)
+    counts = engines.all_reduce_sum(_to_device({"n": torch.tensor([local_tokens, local_seq_tokens, local_slots],
                                                                   dtype=torch.float64)}, dev)["n"])
     scale = run.world_size / counts[0].clamp(min=1.0)  # x world: DeepSpeed averages gradients over ranks
 
@@ -315,17 +323,19 @@ def train_step(run: Run, micro_batches: list[dict], before_step=None,
         if topks:
             teacher_topk = tuple(_to_device({"ids": topks[i][0], "lps": topks[i][1]}, dev).values())
         mb = _to_device(mb, dev)
+        position_ids = mb.get("position_ids")  # packed rows: no attention_mask, positions restart per sample
+        attention_mask = mb["attention_mask"] if position_ids is None else None
         teacher_hidden, teacher_weight = None, None
         if teacher is not None:
             with torch.no_grad():
-                teacher_hidden = teacher(mb["input_ids"], mb["attention_mask"])  # [B, S, Ht]
+                teacher_hidden = teacher(mb["input_ids"], attention_mask, position_ids)  # [B, S, Ht]
         with engines.gathered([teacher.module.lm_head_weight] if teacher is not None else []):
             if teacher is not None:
                 teacher_weight = teacher.module.lm_head_weight
-            total, ce, kd, tokens, metrics = eng(mb["input_ids"], mb["attention_mask"], mb["labels"],
+            total, ce, kd, tokens, metrics = eng(mb["input_ids"], attention_mask, mb["labels"],
                                                  run.loss_kwargs, teacher_hidden=teacher_hidden,
                                                  teacher_weight=teacher_weight, teacher_topk=teacher_topk,
-                                                 keep=mb["keep"])
+                                                 keep=mb["keep"], position_ids=position_ids)
         sums += torch.cat([torch.stack([total.detach(), ce, kd, tokens]).double(), metrics.double()])
         loss = total * scale
         if guard is not None and eng.is_gradient_accumulation_boundary():
@@ -341,7 +351,7 @@ def train_step(run: Run, micro_batches: list[dict], before_step=None,
     host = torch.cat([reduced, counts]).tolist()  # host sync: once per step (counts are global already)
     out = dict(zip(SUM_KEYS, host))
     out["mem/peak_gb"] = max(host[len(SUM_KEYS):len(SUM_KEYS) + run.world_size])
-    out["global_tokens"], out["global_seq_tokens"] = host[-2:]
+    out["global_tokens"], out["global_seq_tokens"], out["global_slots"] = host[-3:]
     return out
 
 
@@ -350,7 +360,9 @@ def step_metrics(sums: dict, *, lr: float, grad_norm: Optional[float], seconds: 
     n = max(sums["tokens"], 1.0)
     row = {"loss/total": sums["total"] / n, "loss/ce": sums["ce"] / n, "loss/kl": sums["kd"] / n, "lr": lr,
            "grad_norm": float("nan") if grad_norm is None else float(grad_norm),
-           "tokens_per_sec": sums["global_seq_tokens"] / max(seconds, 1e-9), "tokens": sums["tokens"]}
+           "tokens_per_sec": sums["global_seq_tokens"] / max(seconds, 1e-9), "tokens": sums["tokens"],
+           # real (non-padding) tokens per computed token slot, teacher and student alike
+           "data/fill": sums["global_seq_tokens"] / max(sums["global_slots"], 1.0)}
     for k in models.StudentWithLoss.METRIC_KEYS:
         row[f"kd/{k}"] = sums[f"kd/{k}"] / n
     return row

@@ -8,6 +8,7 @@
 - Device: a job that was given GPUs that torch cannot use, or `train.device: cuda` without CUDA, is refused with exit
   code 2 naming the cause (tests/test_bad_input.py runs those cases: CUDA_VISIBLE_DEVICES, SLURM_JOB_GPUS,
   train.device: cuda); here the evidence rules and the device index under SLURM's one-GPU-per-task binding.
+- data.packing through the trainer: per-step losses equal to the unpacked run's (1e-5), data/fill higher.
 - Host synchronisations: during one optimizer step of 4 micro-batches (guard, teacher, fused loss, backward, step,
   the logged metrics), calls that make the host wait for the device (item, tolist, nonzero, bool, int, float, numpy,
   cpu) made by the project's own code are counted with a TorchFunctionMode: at most 4 (it is 1 + 1 by design). On
@@ -86,13 +87,15 @@ def _drive(config_path: str, result_path: str) -> None:
         raise RuntimeError(f"op {self.name} was loaded while train.optimizer: torch")
 
     result = {}
-    for name in ("torch", "deepspeed"):
-        cfg = parse_config(["--config", config_path, "--train.optimizer", name])
+    for name, argv in (("torch", ["--train.optimizer", "torch"]), ("deepspeed", ["--train.optimizer", "deepspeed"]),
+                       ("packed", ["--train.optimizer", "torch", "--data.packing", "true"])):
+        cfg = parse_config(["--config", config_path, *argv])
         cfg = dataclasses.replace(cfg, output_dir=os.path.join(cfg.output_dir, name))
-        OpBuilder.load = refuse if name == "torch" else real_load
+        OpBuilder.load = refuse if name != "deepspeed" else real_load
+        loaded.clear()
         run = trainer.build(cfg)
         eng = run.student_engine
-        rec = {"optimizer": engines.describe_optimizer(eng), "ops_loaded": list(loaded), "losses": []}
+        rec = {"optimizer": engines.describe_optimizer(eng), "ops_loaded": list(loaded), "losses": [], "fill": []}
         guard = guards.StepGuard(rank=run.rank, world_size=run.world_size, nonfinite="abort", max_skipped_steps=0,
                                  deepspeed_discards_nonfinite=True, device=engines.device(),
                                  all_reduce_sum=engines.all_reduce_sum)
@@ -112,6 +115,7 @@ def _drive(config_path: str, result_path: str) -> None:
             else:
                 row = one_step()
             rec["losses"].append(row["loss/total"])
+            rec["fill"].append(row["data/fill"])
         result[name] = rec
         del run, eng
         OpBuilder.load = real_load
@@ -233,7 +237,14 @@ def test_torch_optimizer_builds_no_op_same_losses_and_few_host_syncs(tiny_assets
     for a, b in zip(t["losses"], d["losses"]):
         assert abs(a - b) <= 1e-6 * abs(b), (t["losses"], d["losses"])
     assert t["losses"][2] < t["losses"][0]  # the updates did something
+    # data.packing: the same samples in fewer rows, the same per-step losses (so the same gradients' effect)
+    pk = r["packed"]
+    assert pk["ops_loaded"] == []
+    for a, b in zip(pk["losses"], t["losses"]):
+        assert abs(a - b) <= 1e-5 * abs(b), (pk["losses"], t["losses"])
+    assert min(pk["fill"]) > max(t["fill"]) and all(0 < f <= 1 for f in pk["fill"] + t["fill"]), (pk["fill"], t["fill"])
     # host synchronisations of one optimizer step of 4 micro-batches in the project's own code
     assert t["micro_batches"] == 4
     assert len(t["syncs_ours"]) <= 4, t["syncs_ours"]
     print("ours:", t["syncs_ours"], "\nDeepSpeed/transformers:", t["syncs_others"])
+    print({k: (v["losses"], v["fill"]) for k, v in r.items()})
