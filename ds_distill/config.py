@@ -34,6 +34,12 @@ class TeacherConfig:
     offload_params: bool = False
     """Offload the teacher's parameters to CPU memory (ZeRO-Infinity): a teacher larger than the GPUs' free memory
     still runs, at the cost of host-to-device copies of every layer on every forward."""
+    sharding: Literal["auto", "replicate", "zero3"] = "auto"
+    """zero3: the teacher partitioned over all ranks (teacher.ds_config); every forward all-gathers all of its
+    weights (about its size in bytes received per rank per micro-batch). replicate: the whole teacher on every rank,
+    a plain inference module with no collective. auto: replicate on GPUs when its weights take at most a quarter of
+    one GPU's memory and teacher.offload_params is off, zero3 otherwise and on CPU ranks (they share the host's
+    memory). The same results either way; launch/plan.py compares the two."""
     trust_remote_code: bool = False
     """Allow the teacher directory's custom Python code to run. Off by default: only enable for code you trust."""
     allow_pickle_weights: bool = False
@@ -150,6 +156,11 @@ class TrainConfig:
     """Seed for data order, initialisation of new weights (LoRA) and dropout."""
     zero_stage: Literal[0, 1, 2, 3] = 3
     """ZeRO stage of the student engine: 3 partitions parameters, gradients and optimizer states."""
+    zero_hpz_partition_size: int = 1
+    """ZeRO-3 only: ZeRO++ hierarchical partitioning, a second copy of the student's weights partitioned within
+    groups of this many ranks (set it to the GPUs per node), so the forward and backward all-gathers stay inside a
+    node and only gradient reduction crosses nodes; costs that copy's memory (student weights / this size). 1 =
+    off. Untested here (DeepSpeed needs GPUs for it)."""
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """auto = bf16 on GPUs, fp32 on CPU (bf16 matmuls are emulated on most CPUs and ~300x slower)."""
     offload_optimizer: bool = False
@@ -279,6 +290,15 @@ def validate(cfg: DistillConfig, world_size: Optional[int] = None) -> None:
     if D.pack_length != 0 and D.pack_length < D.max_length:
         p.append(f"data.pack_length: {D.pack_length} is below data.max_length ({D.max_length}) -> 0 (= 2 x "
                  "max_length) or at least max_length")
+    if T.zero_hpz_partition_size < 1 or (T.zero_hpz_partition_size > 1 and T.zero_stage != 3):
+        p.append(f"train.zero_hpz_partition_size: {T.zero_hpz_partition_size} needs to be >= 1, and > 1 only with "
+                 "train.zero_stage: 3 -> 1 (off), or the GPUs per node with ZeRO-3")
+    if world_size is not None and T.zero_hpz_partition_size > 1 and world_size % T.zero_hpz_partition_size:
+        p.append(f"train.zero_hpz_partition_size: {T.zero_hpz_partition_size} does not divide the world size "
+                 f"({world_size}) -> use the GPUs per node")
+    if cfg.teacher.sharding == "replicate" and cfg.teacher.offload_params:
+        p.append("teacher.sharding: replicate with teacher.offload_params: offloading needs ZeRO-3 -> "
+                 "teacher.sharding: zero3 (or auto), or teacher.offload_params: false")
     if cfg.teacher.cache is not None and D.packing:
         p.append("data.packing: true cannot be used with teacher.cache (the cache's rows are per unpacked sample) "
                  "-> set data.packing: false")

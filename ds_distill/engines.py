@@ -192,6 +192,11 @@ def device() -> torch.device:
                                                  get_accelerator().device_count()))
 
 
+def device_memory_bytes() -> int:
+    """Total memory of this rank's accelerator."""
+    return int(get_accelerator().total_memory(device().index))
+
+
 def on_cpu() -> bool:
     return get_accelerator().device_name() == "cpu"
 
@@ -250,7 +255,7 @@ def describe_optimizer(engine) -> str:
 
 def student_ds_config(*, micro_batch_size: int, grad_accum_steps: int, world_size: int, zero_stage: int,
                       precision: str, lr: float, betas: list[float], weight_decay: float, grad_clip: float,
-                      offload_optimizer: bool, optimizer: str = "deepspeed",
+                      offload_optimizer: bool, optimizer: str = "deepspeed", hpz_partition_size: int = 1,
                       overrides: Optional[dict] = None) -> dict:
     """DeepSpeed config of the trained student: AdamW (the schedule is `lr_schedule`, passed to the engine);
     `optimizer` is a resolved train.optimizer (`resolve_optimizer`)."""
@@ -258,6 +263,8 @@ def student_ds_config(*, micro_batch_size: int, grad_accum_steps: int, world_siz
     if zero_stage == 3:
         zero.update({"stage3_gather_16bit_weights_on_model_save": True, "stage3_param_persistence_threshold": 0,
                      "stage3_prefetch_bucket_size": 0 if on_cpu() else 5e7})
+        if hpz_partition_size > 1:  # ZeRO++ hpZ: secondary weight partition within groups of this many ranks
+            zero["zero_hpz_partition_size"] = hpz_partition_size
     if offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": not on_cpu()}
     cfg = {
@@ -339,6 +346,23 @@ def build_student_engine(model: torch.nn.Module, ds_config: dict, *, warmup_step
         model=model, model_parameters=params, config=ds_config,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, fn))
     return engine
+
+
+class ReplicatedTeacher:
+    """teacher.sharding: replicate: the whole teacher on this rank's device, a plain inference module (no DeepSpeed
+    engine, no collective in its forward). Called like the ZeRO-3 engine; `.module` is the wrapped module."""
+
+    def __init__(self, module: torch.nn.Module, dev: torch.device):
+        self.module = module.to(dev).eval()
+        for p in self.module.parameters():
+            p.requires_grad_(False)
+
+    def __call__(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    def eval(self) -> "ReplicatedTeacher":
+        self.module.eval()
+        return self
 
 
 def build_teacher_engine(model: torch.nn.Module, ds_config: dict):

@@ -114,6 +114,19 @@ def check_top_k(cfg: DistillConfig, vocab_size: int) -> None:
                            f"loss.top_k <= {vocab_size} (typically 32-256), or loss.impl: chunked (exact)"])
 
 
+def teacher_sharding(cfg: DistillConfig, dtype: torch.dtype) -> str:
+    """teacher.sharding resolved: auto -> replicate or zero3 (planner.auto_teacher_sharding: from the teacher's size
+    in config.json and this device's memory)."""
+    if cfg.teacher.sharding != "auto":
+        return cfg.teacher.sharding
+    from . import planner
+
+    memory = None if engines.on_cpu() else engines.device_memory_bytes()
+    size = planner.read_arch(cfg.teacher.path, cfg.teacher.trust_remote_code).params * dtype.itemsize if memory \
+        else 0
+    return planner.auto_teacher_sharding(size, memory, offload_params=cfg.teacher.offload_params)
+
+
 def build(cfg: DistillConfig) -> Run:
     engines.check_device(cfg.train.device)  # before the process group: a silent CPU fallback would pick gloo
     rank, world, _ = engines.init_distributed(guards.process_group_timeout(cfg.train.watchdog_timeout_s))
@@ -171,7 +184,8 @@ def build(cfg: DistillConfig) -> Run:
         micro_batch_size=T.micro_batch_size, grad_accum_steps=T.grad_accum_steps, world_size=world,
         zero_stage=T.zero_stage, precision=precision, lr=T.lr, betas=T.betas, weight_decay=T.weight_decay,
         grad_clip=T.grad_clip, offload_optimizer=T.offload_optimizer,
-        optimizer=engines.resolve_optimizer(T.optimizer), overrides=cfg.ds_config_overrides)
+        optimizer=engines.resolve_optimizer(T.optimizer), hpz_partition_size=T.zero_hpz_partition_size,
+        overrides=cfg.ds_config_overrides)
     torch.manual_seed(T.seed)
     student = engines.load_partitioned(lambda: models.load_causal_lm(
         cfg.student.path, dtype=dtype, trust_remote_code=cfg.student.trust_remote_code,
@@ -204,14 +218,25 @@ def build(cfg: DistillConfig) -> Run:
     teacher_engine = None
     teacher_rows = None
     if cfg.teacher.path and cfg.loss.alpha > 0:
-        teacher_ds = engines.teacher_ds_config(cfg.teacher.ds_config, micro_batch_size=T.micro_batch_size,
-                                               world_size=world, precision=precision,
-                                               offload_params=cfg.teacher.offload_params)
-        teacher = engines.load_partitioned(lambda: models.load_causal_lm(
-            cfg.teacher.path, dtype=dtype, trust_remote_code=cfg.teacher.trust_remote_code,
-            allow_pickle=cfg.teacher.allow_pickle_weights), teacher_ds)
-        teacher_rows = models.vocab_rows(teacher)
-        teacher_engine = engines.build_teacher_engine(models.TeacherHidden(teacher), teacher_ds)
+        sharding = teacher_sharding(cfg, dtype)
+        if rank == 0:
+            print(f"[ds_distill] teacher: {sharding} (teacher.sharding: {cfg.teacher.sharding})", flush=True)
+
+        def load_teacher():
+            return models.load_causal_lm(cfg.teacher.path, dtype=dtype, trust_remote_code=cfg.teacher.trust_remote_code,
+                                         allow_pickle=cfg.teacher.allow_pickle_weights)
+
+        if sharding == "replicate":
+            teacher = load_teacher()
+            teacher_rows = models.vocab_rows(teacher)
+            teacher_engine = engines.ReplicatedTeacher(models.TeacherHidden(teacher), engines.device())
+        else:
+            teacher_ds = engines.teacher_ds_config(cfg.teacher.ds_config, micro_batch_size=T.micro_batch_size,
+                                                   world_size=world, precision=precision,
+                                                   offload_params=cfg.teacher.offload_params)
+            teacher = engines.load_partitioned(load_teacher, teacher_ds)
+            teacher_rows = models.vocab_rows(teacher)
+            teacher_engine = engines.build_teacher_engine(models.TeacherHidden(teacher), teacher_ds)
     if topk_cache is not None:
         teacher_rows = int(topk_cache.manifest["teacher_vocab_rows"])
     vocab_size, vocab_message = vocab.reconcile_vocab(teacher_rows or models.vocab_rows(student),
