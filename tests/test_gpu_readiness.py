@@ -11,7 +11,7 @@
 - data.packing through the trainer: per-step losses equal to the unpacked run's (1e-5), data/fill higher.
 - Host synchronisations: during one optimizer step of 4 micro-batches (guard, teacher, fused loss, backward, step,
   the logged metrics), calls that make the host wait for the device (item, tolist, nonzero, bool, int, float, numpy,
-  cpu) made by the project's own code are counted with a TorchFunctionMode: at most 4 (it is 1 + 1 by design). On
+  cpu) made by the project's own code are counted with a TorchFunctionMode (benchmarks/gpu_check.py's counter): at most 4 (it is 1 + 1 by design). On
   CPU every tensor lives on the "device", so what `trainer.host_prepare` reads (the batch on the host, before the
   copy) is excluded by name; DeepSpeed's own syncs are reported, not limited.
 Runtime: about 40 s (one python process, two tiny runs).
@@ -25,56 +25,19 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SYNC_FUNCS = {"item", "tolist", "nonzero", "__bool__", "__int__", "__float__", "__index__", "numpy", "cpu",
-              "argwhere", "unique", "masked_select"}
-HOST_SIDE = {"host_prepare"}  # functions of ds_distill that read host tensors before the copy (not syncs)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Driver (runs as a script: a process group of its own, outside pytest)
 # ----------------------------------------------------------------------------------------------------------------
 
-def _count_syncs(fn):
-    """Run fn(); return (its result, [ds_distill call sites of sync calls], {other call sites: count})."""
-    import collections
-
-    import torch
-    from torch.overrides import TorchFunctionMode
-
-    pkg = str(ROOT / "ds_distill") + os.sep
-    ours, others = [], collections.Counter()
-
-    class Count(TorchFunctionMode):
-        def __torch_function__(self, func, types, args=(), kwargs=None):
-            name = getattr(func, "__name__", "")
-            if name in SYNC_FUNCS:
-                f = sys._getframe(1)
-                site = None
-                while f is not None:  # the innermost frame outside torch
-                    fn_path = f.f_code.co_filename
-                    if os.sep + "torch" + os.sep not in fn_path:
-                        site = f
-                        break
-                    f = f.f_back
-                if site is not None and site.f_code.co_filename.startswith(pkg):
-                    if site.f_code.co_name not in HOST_SIDE:
-                        ours.append(f"{os.path.basename(site.f_code.co_filename)}:{site.f_lineno} "
-                                    f"{site.f_code.co_name} {name}")
-                elif site is not None:
-                    others[f"{site.f_code.co_filename.split('site-packages' + os.sep)[-1]}:{site.f_lineno} "
-                           f"{name}"] += 1
-            return func(*args, **(kwargs or {}))
-
-    with Count():
-        out = fn()
-    return out, ours, dict(others)
-
-
 def _drive(config_path: str, result_path: str) -> None:
     import dataclasses
 
     sys.path.insert(0, str(ROOT))
+    sys.path.insert(0, str(ROOT / "benchmarks"))
     from deepspeed.ops.op_builder.builder import OpBuilder
+    from gpu_check import count_host_syncs  # the counter benchmarks/gpu_check.py reports on a GPU
 
     from ds_distill import engines, guards, trainer
     from ds_distill.config import parse_config
@@ -110,7 +73,7 @@ def _drive(config_path: str, result_path: str) -> None:
                                             seconds=1.0)
 
             if step == 2 and name == "torch":
-                row, ours, others = _count_syncs(one_step)
+                row, ours, others = count_host_syncs(one_step)
                 rec.update(syncs_ours=ours, syncs_others=others, micro_batches=len(mbs))
             else:
                 row = one_step()
