@@ -152,7 +152,7 @@ def section_loss(p: dict, vocab: int, dev: str) -> dict:
         fused()  # warm-up
         loss, grad = fused()
         secs = min(_timed(fused, dev) for _ in range(3))
-        h64 = h_s.double().cpu().requires_grad_(True)  # the fp64 reference, on the host (its first 256 rows: fp64 on the CPU)
+        h64 = h_s.double().cpu().requires_grad_(True)  # the fp64 reference: its first 256 rows, on the host
         m = min(n, 256)
         ref = distill_loss(h64[:m], w_s.double().cpu(), lab[:m].cpu(), teacher_hidden=h_t[:m].double().cpu(),
                            teacher_weight=w_t.double().cpu(), **{**kw, "impl": "full"}).total

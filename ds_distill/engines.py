@@ -142,8 +142,8 @@ def check_device(requested: str, env: Optional[dict] = None) -> str:
     evidence = gpu_evidence(env)
     if requested == "auto" and accel == "cpu" and evidence and cause is not None:
         raise DistillError(f"train.device: auto found GPUs meant for this job ({'; '.join(evidence)}), but {cause}, "
-                           f"so DeepSpeed fell back to the CPU (fp32, gloo, every model in host memory) -> {fix}, or set "
-                           "train.device: cpu to run on the CPU on purpose")
+                           "so DeepSpeed fell back to the CPU (fp32, gloo, every model in host memory) -> "
+                           f"{fix}, or set train.device: cpu to run on the CPU on purpose")
     return accel
 
 

@@ -11,7 +11,8 @@
 - data.packing through the trainer: per-step losses equal to the unpacked run's (1e-5), data/fill higher.
 - Host synchronisations: during one optimizer step of 4 micro-batches (guard, teacher, fused loss, backward, step,
   the logged metrics), calls that make the host wait for the device (item, tolist, nonzero, bool, int, float, numpy,
-  cpu) made by the project's own code are counted with a TorchFunctionMode (benchmarks/gpu_check.py's counter): at most 4 (it is 1 + 1 by design). On
+  cpu) made by the project's own code are counted with a TorchFunctionMode (benchmarks/gpu_check.py's counter):
+  at most 4 (2 by design, + reading DeepSpeed's grad norm for the log). On
   CPU every tensor lives on the "device", so what `trainer.host_prepare` reads (the batch on the host, before the
   copy) is excluded by name; DeepSpeed's own syncs are reported, not limited.
 Runtime: about 40 s (one python process, two tiny runs).

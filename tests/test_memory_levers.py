@@ -3,8 +3,8 @@
 The launch (this file run as a script under `deepspeed`) builds, one after another in the same two processes, the
 tiny distillation run with:  ZeRO-3 (reference) | ZeRO-3 + student.activation_checkpointing + teacher.offload_params
 + loss.layout vocab_major | ZeRO-0 | ZeRO-1 | ZeRO-2 | ZeRO-2 + train.offload_optimizer | ZeRO-3 +
-train.offload_optimizer | ZeRO-3 + teacher.sharding replicate, through the real `trainer.build(cfg)`, and runs 3 optimizer steps of 2 micro-batches each on
-the same data. Checked:
+train.offload_optimizer | ZeRO-3 + teacher.sharding replicate, through the real `trainer.build(cfg)`, and runs 3
+optimizer steps of 2 micro-batches each on the same data. Checked:
 
 - the levers really are on: the engines report the requested ZeRO stage and offload settings, the loss gets the
   requested chunk layout, and with activation checkpointing each student decoder layer's attention runs forward

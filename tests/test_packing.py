@@ -36,7 +36,8 @@ def _positions(packed, unpacked, n_samples):
               if pos[r, c] == 0 and packed["attention_mask"][r, c] == 1]
     for i in range(n_samples):
         n = int(unpacked["attention_mask"][i].sum())
-        match = [(r, c) for r, c in starts if torch.equal(packed["input_ids"][r, c:c + n], unpacked["input_ids"][i, :n])]
+        match = [(r, c) for r, c in starts
+                 if torch.equal(packed["input_ids"][r, c:c + n], unpacked["input_ids"][i, :n])]
         assert len(match) >= 1, f"sample {i} not found in the packed rows"
         r, c = match[0]
         out.append(((i, torch.arange(n)), (r, torch.arange(c, c + n))))
