@@ -218,12 +218,14 @@ def build(cfg: DistillConfig) -> Run:
     teacher_engine = None
     teacher_rows = None
     if cfg.teacher.path and cfg.loss.alpha > 0:
-        sharding = teacher_sharding(cfg, dtype)
+        # one decision for all ranks (GPUs of different sizes must not give ranks different teacher layouts)
+        sharding = engines.broadcast_object(teacher_sharding(cfg, dtype) if rank == 0 else None)
         if rank == 0:
             print(f"[ds_distill] teacher: {sharding} (teacher.sharding: {cfg.teacher.sharding})", flush=True)
 
         def load_teacher():
-            return models.load_causal_lm(cfg.teacher.path, dtype=dtype, trust_remote_code=cfg.teacher.trust_remote_code,
+            return models.load_causal_lm(cfg.teacher.path, dtype=dtype,
+                                         trust_remote_code=cfg.teacher.trust_remote_code,
                                          allow_pickle=cfg.teacher.allow_pickle_weights)
 
         if sharding == "replicate":
