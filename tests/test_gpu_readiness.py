@@ -8,7 +8,9 @@
 - Device: a job that was given GPUs that torch cannot use, or `train.device: cuda` without CUDA, is refused with exit
   code 2 naming the cause (tests/test_bad_input.py runs those cases: CUDA_VISIBLE_DEVICES, SLURM_JOB_GPUS,
   train.device: cuda); here the evidence rules and the device index under SLURM's one-GPU-per-task binding.
-- data.packing through the trainer: per-step losses equal to the unpacked run's (1e-5), data/fill higher.
+- data.packing (with teacher.sharding replicate, in one process) through the trainer: per-step losses equal to the
+  unpacked ZeRO-3-teacher run's (1e-5), data/fill higher; the held-out evaluation before training (student and the
+  replicated teacher: perplexities, KL, agreement) equals the partitioned teacher's (1e-6).
 - Host synchronisations: during one optimizer step of 4 micro-batches (guard, teacher, fused loss, backward, step,
   the logged metrics), calls that make the host wait for the device (item, tolist, nonzero, bool, int, float, numpy,
   cpu) made by the project's own code are counted with a TorchFunctionMode (benchmarks/gpu_check.py's counter):
@@ -52,14 +54,16 @@ def _drive(config_path: str, result_path: str) -> None:
 
     result = {}
     for name, argv in (("torch", ["--train.optimizer", "torch"]), ("deepspeed", ["--train.optimizer", "deepspeed"]),
-                       ("packed", ["--train.optimizer", "torch", "--data.packing", "true"])):
+                       ("packed", ["--train.optimizer", "torch", "--data.packing", "true",
+                                   "--teacher.sharding", "replicate"])):
         cfg = parse_config(["--config", config_path, *argv])
         cfg = dataclasses.replace(cfg, output_dir=os.path.join(cfg.output_dir, name))
         OpBuilder.load = refuse if name != "deepspeed" else real_load
         loaded.clear()
         run = trainer.build(cfg)
         eng = run.student_engine
-        rec = {"optimizer": engines.describe_optimizer(eng), "ops_loaded": list(loaded), "losses": [], "fill": []}
+        rec = {"optimizer": engines.describe_optimizer(eng), "ops_loaded": list(loaded), "losses": [], "fill": [],
+               "eval0": trainer.run_eval(run)}  # before any update: the held-out metrics of both models
         guard = guards.StepGuard(rank=run.rank, world_size=run.world_size, nonfinite="abort", max_skipped_steps=0,
                                  deepspeed_discards_nonfinite=True, device=engines.device(),
                                  all_reduce_sum=engines.all_reduce_sum)
@@ -181,7 +185,7 @@ def test_torch_optimizer_builds_no_op_same_losses_and_few_host_syncs(tiny_assets
     cfg = tiny_config(tiny_assets, tmp_path / "out", fmt="guanaco",
                       train={"micro_batch_size": 2, "grad_accum_steps": 4, "max_steps": 3, "zero_stage": 3,
                              "warmup_steps": 0, "lr": 3e-3})
-    cfg["data"]["eval_files"] = []
+    cfg["eval"] = {"max_batches": 2, "generations": 0}
     result = tmp_path / "result.json"
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "CUDA_VISIBLE_DEVICES")}
     env.update({"MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
@@ -207,6 +211,9 @@ def test_torch_optimizer_builds_no_op_same_losses_and_few_host_syncs(tiny_assets
     for a, b in zip(pk["losses"], t["losses"]):
         assert abs(a - b) <= 1e-5 * abs(b), (pk["losses"], t["losses"])
     assert min(pk["fill"]) > max(t["fill"]) and all(0 < f <= 1 for f in pk["fill"] + t["fill"]), (pk["fill"], t["fill"])
+    assert set(pk["eval0"]) == set(t["eval0"]) and "teacher_ppl" in t["eval0"], t["eval0"]
+    for k, v in t["eval0"].items():
+        assert abs(pk["eval0"][k] - v) <= 1e-6 * max(abs(v), 1.0), (k, pk["eval0"][k], v)
     # host synchronisations of one optimizer step of 4 micro-batches in the project's own code
     assert t["micro_batches"] == 4
     assert len(t["syncs_ours"]) <= 4, t["syncs_ours"]
