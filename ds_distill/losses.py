@@ -121,6 +121,37 @@ def slab_temps(layout: str = "auto") -> int:
     return 9 if chunk_layout(layout) == "vocab_major" else 6
 
 
+GEMM_WIDTH_MULTIPLE = 64
+
+
+def gemm_width(vocab_size: int, *weights: Tensor | None) -> int:
+    """Rows of the lm_heads the logits GEMMs use: the real vocabulary rounded up to a multiple of 64 (151,669 ->
+    151,680), within the rows every weight has. An odd width (Qwen3's tokenizer: 151,669) gives logits rows that
+    are not 16-byte aligned, which sends cuBLAS to slower kernels; the extra columns are padding (never part of a
+    distribution: the element-wise part reads the first vocab_size columns only, and their gradient is zero)."""
+    rows = min([w.shape[0] for w in weights if w is not None] or [vocab_size])
+    return max(vocab_size, min(-(-vocab_size // GEMM_WIDTH_MULTIPLE) * GEMM_WIDTH_MULTIPLE, rows))
+
+
+_MM_OUT_DTYPE: dict = {}  # (device type, dtype) -> whether torch.mm(..., out_dtype=float32) runs there
+
+
+def mm_fp32(a: Tensor, b: Tensor) -> Tensor:
+    """a @ b as fp32. For bf16 / fp16 operands the fp32 accumulator is kept instead of rounding the logits to bf16
+    before the softmax: torch's mm with an fp32 output on accelerators (no fp32 copy of an lm_head), on the CPU (which
+    lacks it) the same math by upcasting the operands; an accelerator without it rounds the product, then converts."""
+    if a.dtype in (torch.bfloat16, torch.float16):
+        if a.device.type == "cpu":
+            return torch.mm(a.float(), b.float())
+        key = (a.device.type, a.dtype)
+        if _MM_OUT_DTYPE.get(key, True):
+            try:
+                return torch.mm(a, b, out_dtype=torch.float32)
+            except (RuntimeError, TypeError, NotImplementedError):
+                _MM_OUT_DTYPE[key] = False
+    return torch.mm(a, b).float()
+
+
 def slab_rows(device_type: str, vocab_size: int) -> int:
     """Rows per element-wise slab on `device_type` ("cpu", or any accelerator); the planner counts the same."""
     elems = _SLAB_ELEMS_CPU if device_type == "cpu" else _SLAB_ELEMS_GPU
@@ -387,8 +418,9 @@ class _FusedLinearDistill(torch.autograd.Function):
     def forward(ctx, student_hidden, student_weight, rows, lab, t_hidden, t_weight, topk_ids, topk_lp, o: _Opts):
         N, Hs = student_hidden.shape
         dev, V = student_hidden.device, o.vocab_size
-        w_s = student_weight[:V]  # [V, Hs] view: padded rows never take part
-        w_t = t_weight[:V] if t_weight is not None else None
+        Vg = gemm_width(V, student_weight, t_weight)  # the GEMMs' width (aligned); columns >= V are masked below
+        w_s = student_weight[:Vg]  # [Vg, Hs] view
+        w_t = t_weight[:Vg] if t_weight is not None else None
         n = rows.numel()
         compact = n != N  # the trainer usually passes trained positions only: then no copy at all
         h = student_hidden.index_select(0, rows) if compact else student_hidden  # [n, Hs]
@@ -410,30 +442,35 @@ class _FusedLinearDistill(torch.autograd.Function):
         for c0 in range(0, n, o.chunk_size):
             c1 = min(c0 + o.chunk_size, n)
             h_c = h[c0:c1]
-            # student logits ([c, V] or [V, c]), overwritten in place with d(total)/d(logits); teacher logits
+            # student logits ([c, Vg] or [Vg, c]) in fp32, overwritten in place with d(total)/d(logits); teacher
+            # logits. The element-wise part sees the first V columns (rows in vocab_major) only.
             if vocab_major:
-                s = torch.mm(w_s, h_c.T).float()
-                t = torch.mm(w_t, t_hidden[c0:c1].T).float() if has_t else None
+                s_g = mm_fp32(w_s, h_c.T)
+                t = mm_fp32(w_t, t_hidden[c0:c1].T)[:V] if has_t else None
+                s = s_g[:V]
             else:
-                s = (h_c @ w_s.T).float()
-                t = (t_hidden[c0:c1] @ w_t.T).float() if has_t else None
+                s_g = mm_fp32(h_c, w_s.T)
+                t = mm_fp32(t_hidden[c0:c1], w_t.T)[:, :V] if has_t else None
+                s = s_g[:, :V]
             ids_c = topk_ids[c0:c1] if topk_ids is not None else None
             lp_c = topk_lp[c0:c1] if topk_lp is not None else None
             stats += _chunk_slabs(s, t, ids_c, lp_c, lab[c0:c1], o, work)
             del t  # no view of it survives (_chunk_slabs owns them): freed before the next chunk allocates
             if want_grad:
+                if Vg > V:  # padded columns: zero gradient (they still hold raw logits)
+                    (s_g[V:] if vocab_major else s_g[:, V:]).zero_()
                 # d(total)/d(student logits) in the matmul dtype; for bf16 the fp32 buffer is dropped here
-                s = s.to(h_c.dtype)
+                s = s_g.to(h_c.dtype)
                 g = s.T if vocab_major else s  # [c, V] view either way
                 if grad_h is not None:
                     torch.mm(g, w_s, out=grad_h[c0:c1])
                 if grad_w is not None:
                     if accumulate_fp32:
-                        grad_w[:V] += (g.T @ h_c).float()
+                        grad_w[:Vg] += (g.T @ h_c).float()
                     else:
-                        grad_w[:V].addmm_(g.T, h_c)
+                        grad_w[:Vg].addmm_(g.T, h_c)
                 del g  # a view of s: it would keep the chunk alive while the next one allocates
-            del s
+            del s, s_g
         total = (o.alpha * o.temperature ** 2 * stats[1] + (1 - o.alpha) * stats[0]).float()
         if grad_h is not None and compact:
             full = torch.zeros_like(student_hidden)

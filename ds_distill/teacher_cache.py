@@ -121,15 +121,18 @@ def topk_logprobs(hidden: torch.Tensor, weight: torch.Tensor, *, vocab_size: int
     """Top-k ids [N, k] int32 and log-probs [N, k] fp32 of softmax(hidden @ weight[:vocab_size].T / T).
 
     The softmax is over the real vocabulary only (lm_head rows >= vocab_size are padding and never get mass).
-    Logits exist `chunk_size` positions at a time ([chunk, V] fp32); the GEMM runs in fp32 so that bf16 teachers do
-    not round logits to 8 bits before the softmax.
+    Logits exist `chunk_size` positions at a time ([chunk, V] fp32), from the fused loss's GEMM (`losses.mm_fp32`:
+    bf16 teachers do not round logits to 8 bits before the softmax, and no fp32 copy of the lm_head is made) over
+    its aligned width (`losses.gemm_width`; the padded columns are dropped before the softmax).
     """
-    w = weight[:vocab_size].float()  # [V, H] (a view for fp32 weights)
+    from .losses import gemm_width, mm_fp32
+
+    w = weight[:gemm_width(vocab_size, weight)]  # [Vg, H] view
     n = hidden.shape[0]
     ids = torch.empty((n, k), dtype=torch.int32, device=hidden.device)
     lps = torch.empty((n, k), dtype=torch.float32, device=hidden.device)
     for c0 in range(0, n, chunk_size):
-        logits = hidden[c0:c0 + chunk_size].float() @ w.T  # [c, V]
+        logits = mm_fp32(hidden[c0:c0 + chunk_size].to(w.dtype), w.T)[:, :vocab_size]  # [c, V]
         if temperature != 1.0:
             logits.div_(temperature)
         lse = torch.logsumexp(logits, dim=1, keepdim=True)  # [c, 1]
