@@ -3,8 +3,11 @@
     python launch/plan.py --config ds_configs/X.yaml --gpu_memory_gb 80 --num_gpus 8 [--nodes 2]
                           [--section.key value ...]      (any training-config override, e.g. --train.zero_stage 2)
 
-Prints the estimate for the config as written, whether it fits in --gpu_memory_gb (keeping --headroom free), and
-the largest train.micro_batch_size (with the largest loss.chunk_size) that fits. The model behind the numbers is
+Prints, for a KD run, the teacher's two placements (teacher.sharding replicate / zero3: memory, and the ZeRO-3
+all-gathers' volume and time at --intra_node_gbps / --inter_node_gbps against the teacher's compute at --gpu_tflops)
+with a recommendation; then the estimate for the config as written (teacher.sharding auto resolved as the trainer
+would on these GPUs), whether it fits in --gpu_memory_gb (keeping --headroom free), and the largest
+train.micro_batch_size (with the largest loss.chunk_size) that fits. The model behind the numbers is
 documented in ds_distill/planner.py. Exit codes: 0 fits, 1 does not fit as configured, 2 a config problem.
 """
 import argparse
