@@ -462,6 +462,7 @@ def write_cache(cfg, cache_dir: str, *, top_k: int, dtype: str = "fp16", micro_b
     from . import data, engines, models, vocab
     from .config import validate
 
+    engines.check_device(cfg.train.device)  # GPUs given to the job but unusable: refused, not a CPU run
     rank, world, _ = engines.init_distributed(cfg.train.watchdog_timeout_s or 1800.0)
     if cfg.teacher.path is None:
         raise DistillError("teacher.path: required to write a teacher cache -> set it to the teacher's directory")
