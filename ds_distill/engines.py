@@ -1,10 +1,15 @@
 """Every DeepSpeed call of the training path lives here (checkpoint.py holds the checkpoint ones).
 
+- `check_device` refuses a start that would silently fall back to the CPU (GPUs given to the job, torch unable to
+  use them; or train.device: cuda); `describe_device` is the start-up line; `local_device_index` picks a rank's GPU
+  (also under SLURM's one-GPU-per-task binding).
 - `init_distributed` maps SLURM's variables when launched by plain `srun`, then starts the process group.
 - `student_ds_config` / `teacher_ds_config` turn flat typed arguments into DeepSpeed JSON configs.
 - `load_partitioned` loads a Hugging Face model straight into ZeRO-3 shards (never whole on one rank).
-- `build_student_engine` (AdamW + warmup/cosine, clipping, accumulation) and `build_teacher_engine` (ZeRO-3
-  inference: no optimizer, eval, no grad) are the only `deepspeed.initialize` callers of the project.
+- `build_student_engine` (AdamW + warmup/cosine, clipping, accumulation; `resolve_optimizer` / `optimizer_block`:
+  torch's fused AdamW or DeepSpeed's op) and `build_teacher_engine` (ZeRO-3 inference: no optimizer, eval, no grad)
+  are the only `deepspeed.initialize` callers of the project; `ReplicatedTeacher` is the teacher without DeepSpeed
+  (teacher.sharding: replicate).
 - `gathered` / `register_external_param` are the two ZeRO-3 hooks the fused loss needs to read an lm_head weight
   outside that lm_head's own forward.
 """
