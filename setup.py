@@ -2,6 +2,9 @@
 
 CPU installs must pin torch to the local CPU wheel first (see README: `launch/install.sh` does it);
 GPU users bring their own CUDA build of torch, so the requirement below is a range, not a pin.
+The floors are the versions the test suite ran with (torch 2.13, deepspeed 0.19.8, transformers 5.25, ...): the
+code relies on APIs of these releases (DeepSpeed's torch_adam switch, transformers' packed-sequence masks, `dtype=`
+in from_pretrained), and older ones were never tested.
 """
 from setuptools import find_packages, setup
 
@@ -12,19 +15,19 @@ setup(
     packages=find_packages(include=["ds_distill", "ds_distill.*"]),
     python_requires=">=3.10",
     install_requires=[
-        "torch>=2.4",
-        "deepspeed>=0.16",
-        "transformers>=4.51",
-        "datasets>=3.0",
-        "wandb>=0.19",
-        "jsonargparse[signatures]>=4.35",
-        "safetensors",
-        "tokenizers",
+        "torch>=2.13",
+        "deepspeed>=0.19.8",
+        "transformers>=5.25",
+        "datasets>=5.2",
+        "wandb>=0.31",
+        "jsonargparse[signatures]>=4.53",
+        "safetensors>=0.8",
+        "tokenizers>=0.23",
         "tqdm",
-        "numpy",
+        "numpy>=2.4",
         "pyyaml",
         "matplotlib",
-        "peft>=0.14",
+        "peft>=0.21",
     ],
     extras_require={
         # task accuracy (launch/eval.py --lm_eval_tasks / --humaneval, eval.tasks): lm-evaluation-harness and

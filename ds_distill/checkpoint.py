@@ -340,12 +340,19 @@ def select_resume(ckpt_root: str, resume: str, notice) -> Optional[str]:
             err.shared = True  # every rank took part in the check
             raise err
         return path
-    latest = find_latest(ckpt_root)
-    if latest is None:
+    # the candidates are listed once, on rank 0, and broadcast: ranks whose filesystems differ (node-local
+    # output_dir, a lagging network filesystem) cannot pick different checkpoints, or some resume and others start
+    # fresh (the files of each candidate are then checked on every rank)
+    candidates = None
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        latest = find_latest(ckpt_root)
+        candidates = [] if latest is None else [latest] + [
+            os.path.join(ckpt_root, t) for t in reversed(complete_checkpoints(ckpt_root))
+            if t < os.path.basename(latest)]
+    candidates = engines.broadcast_object(candidates)
+    if not candidates:
         return None
-    older = [os.path.join(ckpt_root, t) for t in reversed(complete_checkpoints(ckpt_root))
-             if t < os.path.basename(latest)]
-    for cand in [latest] + older:
+    for cand in candidates:
         problems = _all_problems(cand)
         if not problems:
             return cand

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional
+from typing import Literal, Optional
 
 from .errors import ConfigError
 
@@ -34,6 +34,12 @@ class TeacherConfig:
     offload_params: bool = False
     """Offload the teacher's parameters to CPU memory (ZeRO-Infinity): a teacher larger than the GPUs' free memory
     still runs, at the cost of host-to-device copies of every layer on every forward."""
+    sharding: Literal["auto", "replicate", "zero3"] = "auto"
+    """zero3: the teacher partitioned over all ranks (teacher.ds_config); every forward all-gathers all of its
+    weights (about its size in bytes received per rank per micro-batch). replicate: the whole teacher on every rank,
+    a plain inference module with no collective. auto: replicate on GPUs when its weights take at most a quarter of
+    one GPU's memory and teacher.offload_params is off, zero3 otherwise and on CPU ranks (they share the host's
+    memory). The same results either way; launch/plan.py compares the two."""
     trust_remote_code: bool = False
     """Allow the teacher directory's custom Python code to run. Off by default: only enable for code you trust."""
     allow_pickle_weights: bool = False
@@ -83,6 +89,17 @@ class DataConfig:
     """Field holding the text for the text and guanaco formats (and instruction data stored as one text)."""
     max_length: int = 512
     """Sequences are truncated to this many tokens."""
+    packing: bool = False
+    """Pack each micro-batch's samples into as few rows of at most data.pack_length tokens as fit (first-fit
+    decreasing, rows balanced) instead of padding every sample to the longest: the same samples, data order and
+    per-sample losses, fewer padded token slots (logged as data/fill). Attention stays within each sample
+    (position_ids restart per sample and transformers builds a block-diagonal causal mask; with sdpa or eager
+    attention the masked blocks are still computed, flash_attention_2 skips them). Not with teacher.cache (its rows
+    are stored per sample)."""
+    pack_length: int = 0
+    """Longest packed row with data.packing, in tokens; 0 = 2 x data.max_length (samples that each fill most of
+    max_length could not share a row of max_length). Positions restart per sample, so no sample sees a position
+    beyond max_length; longer rows cost more masked attention with sdpa."""
 
 
 @dataclass
@@ -141,10 +158,24 @@ class TrainConfig:
     """Seed for data order, initialisation of new weights (LoRA) and dropout."""
     zero_stage: Literal[0, 1, 2, 3] = 3
     """ZeRO stage of the student engine: 3 partitions parameters, gradients and optimizer states."""
+    zero_hpz_partition_size: int = 1
+    """ZeRO-3 only: ZeRO++ hierarchical partitioning, a second copy of the student's weights partitioned within
+    groups of this many ranks (set it to the GPUs per node), so the forward and backward all-gathers stay inside a
+    node and only gradient reduction crosses nodes; costs that copy's memory (student weights / this size). 1 =
+    off. Untested here (DeepSpeed needs GPUs for it)."""
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """auto = bf16 on GPUs, fp32 on CPU (bf16 matmuls are emulated on most CPUs and ~300x slower)."""
     offload_optimizer: bool = False
     """Keep the optimizer states in CPU memory (ZeRO-Offload)."""
+    optimizer: Literal["auto", "torch", "deepspeed"] = "auto"
+    """AdamW implementation. torch: torch.optim.AdamW(fused=True), nothing to compile. deepspeed: DeepSpeed's
+    FusedAdam (GPUs: JIT-compiled with nvcc at the first start, needs a CUDA toolkit matching torch) or CPUAdam under
+    train.offload_optimizer. auto = torch on GPUs, deepspeed on CPU (its op is prebuilt by launch/install.sh). The
+    start-up log names the optimizer the engine built."""
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    """auto: the accelerator DeepSpeed finds, except that a job which was given GPUs (CUDA_VISIBLE_DEVICES,
+    SLURM_*GPUS*, /dev/nvidia*) that torch cannot use is refused instead of silently running on the CPU. cuda: refuse
+    to start without a usable GPU. cpu: run on the CPU on purpose (with GPUs present, also set DS_ACCELERATOR=cpu)."""
     nonfinite: Literal["abort", "skip"] = "abort"
     """On a non-finite loss (any rank) or gradient norm the update is discarded before the optimizer touches the
     weights (DeepSpeed's overflow check; the LR schedule does not advance). abort: checkpoint the last good step and
@@ -349,6 +380,21 @@ def validate(cfg: DistillConfig, world_size: Optional[int] = None) -> None:
                  "or loss.alpha: 0 for CE-only training")
     if cfg.teacher.path is not None and cfg.teacher.cache is not None:
         p.append("teacher.cache: set together with teacher.path -> give one of them (the cache replaces the model)")
+    if D.pack_length != 0 and D.pack_length < D.max_length:
+        p.append(f"data.pack_length: {D.pack_length} is below data.max_length ({D.max_length}) -> 0 (= 2 x "
+                 "max_length) or at least max_length")
+    if T.zero_hpz_partition_size < 1 or (T.zero_hpz_partition_size > 1 and T.zero_stage != 3):
+        p.append(f"train.zero_hpz_partition_size: {T.zero_hpz_partition_size} needs to be >= 1, and > 1 only with "
+                 "train.zero_stage: 3 -> 1 (off), or the GPUs per node with ZeRO-3")
+    if world_size is not None and T.zero_hpz_partition_size > 1 and world_size % T.zero_hpz_partition_size:
+        p.append(f"train.zero_hpz_partition_size: {T.zero_hpz_partition_size} does not divide the world size "
+                 f"({world_size}) -> use the GPUs per node")
+    if cfg.teacher.sharding == "replicate" and cfg.teacher.offload_params:
+        p.append("teacher.sharding: replicate with teacher.offload_params: offloading needs ZeRO-3 -> "
+                 "teacher.sharding: zero3 (or auto), or teacher.offload_params: false")
+    if cfg.teacher.cache is not None and D.packing:
+        p.append("data.packing: true cannot be used with teacher.cache (the cache's rows are per unpacked sample) "
+                 "-> set data.packing: false")
     if cfg.teacher.cache is not None and L.impl != "topk":
         p.append(f"loss.impl: '{L.impl}' cannot use teacher.cache (it holds only the top-k) -> set loss.impl: topk")
     if L.temperature <= 0:

@@ -477,6 +477,70 @@ def collate(samples: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "sample_ids": sample_ids}
 
 
+def _first_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):  # stable: ties keep the samples' order
+        for r, free in enumerate(room):
+            if lengths[i] <= free:
+                rows[r].append(i)
+                room[r] -= lengths[i]
+                break
+        else:
+            rows.append([i])
+            room.append(capacity - lengths[i])
+    return rows
+
+
+def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
+    """The sample indices of each packed row: as few rows as first-fit decreasing needs at `capacity` tokens per
+    row, then the smallest row width that still packs into that many rows (binary search), so that the rows come
+    out about equally full (the micro-batch is padded to its fullest row). Deterministic."""
+    rows = _first_fit_decreasing(lengths, capacity)
+    k = len(rows)
+    lo, hi = max(max(lengths), -(-sum(lengths) // k)), max(capacity, max(lengths))
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if len(_first_fit_decreasing(lengths, mid)) <= k:
+            hi = mid
+        else:
+            lo = mid + 1
+    balanced = _first_fit_decreasing(lengths, lo)
+    return balanced if len(balanced) <= k else rows
+
+
+def collate_packed(samples: list[dict], pad_token_id: int, capacity: int) -> dict[str, torch.Tensor]:
+    """The micro-batch's samples packed into as few rows of at most `capacity` tokens as first-fit decreasing finds
+    (`pack_rows`), then right-padded to the fullest row. Each sample keeps its own positions (position_ids restart
+    at 0) and its first label is dropped (-100): in a packed row that position would be predicted from the previous
+    sample's last token; unpacked it is never a target either. The padding tail gets positions of its own (0, 1, ...)
+    so that it is a separate block. Models attend within each sample only when given position_ids and no
+    attention_mask (transformers builds the block-diagonal causal mask from the position resets); attention_mask
+    here marks the real tokens, for counting. sample_ids [B] keep the samples' order, not the rows'.
+    """
+    lengths = [len(s["input_ids"]) for s in samples]
+    rows = pack_rows(lengths, capacity)
+    width = max(sum(lengths[i] for i in row) for row in rows)
+    r = len(rows)
+    input_ids = torch.full((r, width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((r, width), dtype=torch.long)
+    labels = torch.full((r, width), IGNORE_INDEX, dtype=torch.long)
+    position_ids = torch.zeros((r, width), dtype=torch.long)
+    for k, row in enumerate(rows):
+        o = 0
+        for i in row:
+            n = lengths[i]
+            input_ids[k, o:o + n] = torch.tensor(samples[i]["input_ids"], dtype=torch.long)
+            labels[k, o + 1:o + n] = torch.tensor(samples[i]["labels"][1:], dtype=torch.long)
+            position_ids[k, o:o + n] = torch.arange(n)
+            attention_mask[k, o:o + n] = 1
+            o += n
+        position_ids[k, o:] = torch.arange(width - o)
+    sample_ids = torch.tensor([s["sample_id"] for s in samples], dtype=torch.long)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
+            "position_ids": position_ids, "sample_ids": sample_ids}
+
+
 def _rows(dataset, indices: list[int]) -> list[dict]:
     cols = dataset[indices]
     return [{"input_ids": cols["input_ids"][i], "labels": cols["labels"][i], "sample_id": cols["sample_id"][i]}
@@ -502,7 +566,7 @@ class MicroBatchStream:
     """
 
     def __init__(self, dataset, *, rank: int, world_size: int, micro_batch_size: int, seed: int, pad_token_id: int,
-                 samples_consumed: int = 0):
+                 samples_consumed: int = 0, pack_capacity: int = 0):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} not in [0, {world_size})")
         if micro_batch_size < 1:
@@ -518,6 +582,7 @@ class MicroBatchStream:
             raise DataError(f"data.train_files: {self.num_rows} usable training samples cannot feed {world_size} ranks "
                             f"(rank {rank} would get none) -> add data or use fewer ranks")
         self.samples_consumed = int(samples_consumed)
+        self.pack_capacity = pack_capacity  # > 0: data.packing, rows of at most this many tokens
         self._cached_epoch: int | None = None
         self._cached_shard: list[int] = []
 
@@ -543,6 +608,8 @@ class MicroBatchStream:
             indices.append(self._shard(epoch)[offset])
             k += 1
         self.samples_consumed = k
+        if self.pack_capacity > 0:  # the same samples, fewer rows: the data order and position do not change
+            return collate_packed(_rows(self.dataset, indices), self.pad_token_id, self.pack_capacity)
         return collate(_rows(self.dataset, indices), self.pad_token_id)
 
     def state_dict(self) -> dict:

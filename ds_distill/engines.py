@@ -1,10 +1,15 @@
 """Every DeepSpeed call of the training path lives here (checkpoint.py holds the checkpoint ones).
 
+- `check_device` refuses a start that would silently fall back to the CPU (GPUs given to the job, torch unable to
+  use them; or train.device: cuda); `describe_device` is the start-up line; `local_device_index` picks a rank's GPU
+  (also under SLURM's one-GPU-per-task binding).
 - `init_distributed` maps SLURM's variables when launched by plain `srun`, then starts the process group.
 - `student_ds_config` / `teacher_ds_config` turn flat typed arguments into DeepSpeed JSON configs.
 - `load_partitioned` loads a Hugging Face model straight into ZeRO-3 shards (never whole on one rank).
-- `build_student_engine` (AdamW + warmup/cosine, clipping, accumulation) and `build_teacher_engine` (ZeRO-3
-  inference: no optimizer, eval, no grad) are the only `deepspeed.initialize` callers of the project.
+- `build_student_engine` (AdamW + warmup/cosine, clipping, accumulation; `resolve_optimizer` / `optimizer_block`:
+  torch's fused AdamW or DeepSpeed's op) and `build_teacher_engine` (ZeRO-3 inference: no optimizer, eval, no grad)
+  are the only `deepspeed.initialize` callers of the project; `ReplicatedTeacher` is the teacher without DeepSpeed
+  (teacher.sharding: replicate).
 - `gathered` / `register_external_param` are the two ZeRO-3 hooks the fused loss needs to read an lm_head weight
   outside that lm_head's own forward.
 - `mark_moe_leaves` makes Mixture-of-Experts blocks ZeRO-3 leaf modules (ranks routing to different experts must
@@ -28,6 +33,8 @@ import torch._dynamo  # noqa: F401
 
 import deepspeed
 from deepspeed.accelerator import get_accelerator
+
+from .errors import DistillError
 
 _HF_DS_CONFIGS: list[Any] = []  # HfDeepSpeedConfig is held by weakref in transformers: keep ours alive
 
@@ -66,8 +73,106 @@ def init_distributed(timeout_s: float = 1800.0) -> tuple[int, int, int]:
                 "or MASTER_PORT=N for a single process") from None
     local_rank = int(os.environ["LOCAL_RANK"])
     if get_accelerator().device_name() != "cpu":
-        get_accelerator().set_device(local_rank)
+        get_accelerator().set_device(local_device_index(local_rank, get_accelerator().device_count()))
     return dist.get_rank(), dist.get_world_size(), local_rank
+
+
+def local_device_index(local_rank: int, visible: int) -> int:
+    """The accelerator index of this rank among the devices its process sees.
+
+    One process per node seeing every GPU (deepspeed, torchrun, srun without binding): device LOCAL_RANK. SLURM
+    binding one GPU per task (--gpus-per-task=1, --gpu-bind=single:1) leaves each task exactly one visible device,
+    numbered 0 whatever the task's local rank. Anything else would put two ranks on one GPU or point past the last.
+    """
+    if visible == 1:
+        return 0
+    if 0 <= local_rank < visible:
+        return local_rank
+    raise DistillError(f"local rank {local_rank} but this process sees {visible} accelerator(s) "
+                       f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')}) -> start one "
+                       "rank per visible GPU (deepspeed --num_gpus, torchrun --nproc_per_node), or bind one GPU per "
+                       "SLURM task (srun --gpus-per-task=1)")
+
+
+# Environment variables through which a scheduler or a user hands GPUs to a job.
+_SLURM_GPU_VARS = ("SLURM_GPUS", "SLURM_GPUS_ON_NODE", "SLURM_GPUS_PER_NODE", "SLURM_GPUS_PER_TASK",
+                   "SLURM_JOB_GPUS", "SLURM_STEP_GPUS")
+
+
+def gpu_evidence(env: Optional[dict] = None, dev_dir: str = "/dev") -> list[str]:
+    """Signs that GPUs are meant for this job, whatever torch thinks: GPU variables of the scheduler or the user,
+    and NVIDIA device files. Each entry names its source (the message of a refused start quotes them).
+
+    CUDA_VISIBLE_DEVICES set by the deepspeed launcher (it sets it on CPU machines too, to the rank list) is not a
+    sign; the device files of a GPU node still are.
+    """
+    import glob
+
+    env = os.environ if env is None else env
+    found = []
+    cvd = env.get("CUDA_VISIBLE_DEVICES")
+    by_ds_launcher = "CROSS_RANK" in env and "LOCAL_SIZE" in env
+    if cvd and cvd.strip() not in ("-1", "NoDevFiles") and not by_ds_launcher:
+        found.append(f"CUDA_VISIBLE_DEVICES={cvd}")
+    for k in _SLURM_GPU_VARS:
+        v = env.get(k, "").strip()
+        if v and v not in ("0", "none", "(null)"):
+            found.append(f"{k}={v}")
+    devs = sorted(p for p in glob.glob(os.path.join(dev_dir, "nvidia*")) if os.path.basename(p)[6:].isdigit())
+    if devs:
+        found.append(f"{len(devs)} NVIDIA device file(s) ({', '.join(devs[:2])}{', ...' if len(devs) > 2 else ''})")
+    return found
+
+
+def _cuda_unusable_cause() -> Optional[str]:
+    """None when torch can use CUDA, else why not, in words."""
+    if torch.version.cuda is None:
+        return f"this torch ({torch.__version__}) is a CPU-only build (torch.version.cuda is None)"
+    try:
+        if torch.cuda.is_available() and torch.cuda.device_count() > 0:
+            return None
+        torch.cuda.init()  # raises with the driver's own words (version mismatch, no device...)
+        return f"torch {torch.__version__} (CUDA {torch.version.cuda}) sees {torch.cuda.device_count()} CUDA devices"
+    except Exception as e:  # noqa: BLE001 (any CUDA init failure is the cause we report)
+        return f"torch {torch.__version__} (CUDA {torch.version.cuda}) cannot initialise CUDA: {e}"
+
+
+def check_device(requested: str, env: Optional[dict] = None) -> str:
+    """Refuse a start that would silently fall back to the CPU; returns the accelerator DeepSpeed will use.
+
+    `requested` is train.device: auto (the accelerator DeepSpeed finds, but refused when GPUs are visible to the job
+    and torch cannot use them), cuda (refused unless CUDA is usable) or cpu (refused when DeepSpeed chose another
+    accelerator: it is chosen when deepspeed is imported, before any config is read).
+    """
+    accel = get_accelerator().device_name()
+    fix = ("install a CUDA build of torch that matches the driver (nvidia-smi shows the driver's CUDA version) and "
+           "run inside the GPU allocation (srun/sbatch --gpus...)")
+    if requested == "cpu":
+        if accel != "cpu":
+            raise DistillError(f"train.device: cpu, but DeepSpeed chose its '{accel}' accelerator -> set "
+                               "DS_ACCELERATOR=cpu in the environment of every rank (it is read when deepspeed is "
+                               "imported)")
+        return accel
+    cause = _cuda_unusable_cause() if accel == "cpu" else None
+    if requested == "cuda" and accel != "cuda":
+        raise DistillError(f"train.device: cuda, but DeepSpeed chose its '{accel}' accelerator: "
+                           f"{cause or 'DS_ACCELERATOR selects another one'} -> {fix}")
+    evidence = gpu_evidence(env)
+    if requested == "auto" and accel == "cpu" and evidence and cause is not None:
+        raise DistillError(f"train.device: auto found GPUs meant for this job ({'; '.join(evidence)}), but {cause}, "
+                           "so DeepSpeed fell back to the CPU (fp32, gloo, every model in host memory) -> "
+                           f"{fix}, or set train.device: cpu to run on the CPU on purpose")
+    return accel
+
+
+def describe_device(precision: str) -> str:
+    """One start-up line: device, accelerator, communication backend, precision (and the GPU's name)."""
+    accel = get_accelerator()
+    what = str(device())
+    if accel.device_name() == "cuda":
+        what += f" ({torch.cuda.get_device_name(device())}, torch CUDA {torch.version.cuda})"
+    backend = dist.get_backend() if dist.is_initialized() else "none"
+    return f"device {what}, accelerator {accel.device_name()}, backend {backend}, precision {precision}"
 
 
 def skip_cpu_shm_op() -> None:
@@ -99,7 +204,15 @@ def _first_host(nodelist: str) -> str:
 
 def device() -> torch.device:
     name = get_accelerator().device_name()
-    return torch.device("cpu") if name == "cpu" else torch.device(name, int(os.environ.get("LOCAL_RANK", "0")))
+    if name == "cpu":
+        return torch.device("cpu")
+    return torch.device(name, local_device_index(int(os.environ.get("LOCAL_RANK", "0")),
+                                                 get_accelerator().device_count()))
+
+
+def device_memory_bytes() -> int:
+    """Total memory of this rank's accelerator."""
+    return int(get_accelerator().total_memory(device().index))
 
 
 def on_cpu() -> bool:
@@ -124,15 +237,52 @@ def _precision_block(precision: str) -> dict:
             "fp16": {"enabled": precision == "fp16", "initial_scale_power": 16}}
 
 
+def resolve_optimizer(choice: str, device_type: Optional[str] = None) -> str:
+    """train.optimizer -> 'torch' or 'deepspeed'. auto = torch's fused AdamW on accelerators (nothing to compile at
+    start-up), DeepSpeed's AdamW op on the CPU (built once by launch/install.sh; the numbers of docs/BENCHMARKS.md)."""
+    if choice != "auto":
+        return choice
+    device_type = device_type or get_accelerator().device_name()
+    return "deepspeed" if device_type == "cpu" else "torch"
+
+
+def optimizer_block(optimizer: str, *, lr: float, betas: list[float], weight_decay: float) -> dict:
+    """The config's "optimizer" entry for a resolved train.optimizer.
+
+    torch: DeepSpeed's `torch_adam` switch builds torch.optim.AdamW itself (runtime/engine.py,
+    get_optimizer_configuration; checked before its FusedAdam / CPUAdam branches, so also under optimizer offload),
+    passing the other params through: `fused=True` is torch's one-kernel AdamW (CUDA and CPU), no JIT build.
+    deepspeed: DeepSpeed's FusedAdam (CUDA: compiled with nvcc on first use) or CPUAdam (offload), built on demand.
+    """
+    params: dict[str, Any] = {"lr": lr, "betas": list(betas), "eps": 1e-8, "weight_decay": weight_decay}
+    if optimizer == "torch":
+        params.update({"torch_adam": True, "fused": True})
+    elif optimizer != "deepspeed":
+        raise ValueError(f"optimizer {optimizer!r}: expected 'torch' or 'deepspeed'")
+    return {"type": "AdamW", "params": params}
+
+
+def describe_optimizer(engine) -> str:
+    """What the engine really built: the optimizer class under DeepSpeed's ZeRO wrapper (and torch's fused flag)."""
+    opt = getattr(engine, "basic_optimizer", None) or engine.optimizer
+    name = f"{type(opt).__module__}.{type(opt).__name__}"
+    if isinstance(opt, torch.optim.Optimizer) and opt.defaults.get("fused"):
+        name += " (fused)"
+    return name
+
+
 def student_ds_config(*, micro_batch_size: int, grad_accum_steps: int, world_size: int, zero_stage: int,
                       precision: str, lr: float, betas: list[float], weight_decay: float, grad_clip: float,
-                      offload_optimizer: bool,
+                      offload_optimizer: bool, optimizer: str = "deepspeed", hpz_partition_size: int = 1,
                       overrides: Optional[dict] = None) -> dict:
-    """DeepSpeed config of the trained student: AdamW (the schedule is `lr_schedule`, passed to the engine)."""
+    """DeepSpeed config of the trained student: AdamW (the schedule is `lr_schedule`, passed to the engine);
+    `optimizer` is a resolved train.optimizer (`resolve_optimizer`)."""
     zero: dict[str, Any] = {"stage": zero_stage}
     if zero_stage == 3:
         zero.update({"stage3_gather_16bit_weights_on_model_save": True, "stage3_param_persistence_threshold": 0,
                      "stage3_prefetch_bucket_size": 0 if on_cpu() else 5e7})
+        if hpz_partition_size > 1:  # ZeRO++ hpZ: secondary weight partition within groups of this many ranks
+            zero["zero_hpz_partition_size"] = hpz_partition_size
     if offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": not on_cpu()}
     cfg = {
@@ -141,8 +291,7 @@ def student_ds_config(*, micro_batch_size: int, grad_accum_steps: int, world_siz
         "train_batch_size": micro_batch_size * grad_accum_steps * world_size,
         "gradient_clipping": grad_clip,
         "zero_optimization": zero,
-        "optimizer": {"type": "AdamW", "params": {"lr": lr, "betas": list(betas), "eps": 1e-8,
-                                                  "weight_decay": weight_decay}},
+        "optimizer": optimizer_block(optimizer, lr=lr, betas=betas, weight_decay=weight_decay),
         "steps_per_print": 10 ** 9,
         "wall_clock_breakdown": False,
         "zero_allow_untested_optimizer": True,
@@ -304,6 +453,23 @@ def use_safe_checkpoint_loading(engine) -> None:
     engine.checkpoint_engine = _weights_only_checkpoint_engine(engine._config)
 
 
+class ReplicatedTeacher:
+    """teacher.sharding: replicate: the whole teacher on this rank's device, a plain inference module (no DeepSpeed
+    engine, no collective in its forward). Called like the ZeRO-3 engine; `.module` is the wrapped module."""
+
+    def __init__(self, module: torch.nn.Module, dev: torch.device):
+        self.module = module.to(dev).eval()
+        for p in self.module.parameters():
+            p.requires_grad_(False)
+
+    def __call__(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    def eval(self) -> "ReplicatedTeacher":
+        self.module.eval()
+        return self
+
+
 def build_teacher_engine(model: torch.nn.Module, ds_config: dict):
     """The teacher as a ZeRO-3 inference engine: no optimizer, eval mode, no grads."""
     model.eval()
@@ -388,18 +554,14 @@ def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def peak_memory_gb() -> float:
-    """Peak memory of this process: accelerator max-allocated on GPUs, peak RSS (ru_maxrss) on CPU; max over ranks."""
+def local_peak_memory_gb() -> float:
+    """Peak memory of this process: accelerator max-allocated on GPUs, peak RSS (ru_maxrss) on CPU (host queries,
+    no device synchronisation)."""
     if on_cpu():
         import resource
 
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB -> GiB
-    else:
-        peak = get_accelerator().max_memory_allocated() / 2 ** 30
-    t = torch.tensor([peak], dtype=torch.float64, device=device())
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return float(t.item())
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB -> GiB
+    return get_accelerator().max_memory_allocated() / 2 ** 30
 
 
 def barrier() -> None:

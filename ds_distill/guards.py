@@ -189,14 +189,16 @@ class StepGuard:
         backpropagated. Returns the loss to backpropagate (NaN-poisoned when any rank's loss is not finite).
         """
         flags = torch.zeros(self.world_size + 1, dtype=torch.float64, device=self.device)
-        finite = torch.isfinite(local_sums[:3]).tolist()  # total, ce, kd
-        if not all(finite):
-            # 2: the KD term alone (the student's CE is finite, so its logits are): the teacher's side is the cause
-            flags[self.rank] = 2.0 if finite[1] and not finite[2] else 1.0
+        # on the device (no host sync): 1 for a non-finite total/CE/KD; 2 for the KD term alone with a finite CE
+        # (the student's logits are finite, so the teacher's side is the cause)
+        local = local_sums[:3]
+        bad = (~torch.isfinite(local).all()).double()
+        kd_only = (torch.isfinite(local[1]) & ~torch.isfinite(local[2])).double()
+        flags[self.rank] = bad * (1.0 + kd_only)
         if sigterm_requested():
             flags[self.world_size] = 1.0
         self.all_reduce_sum(flags)
-        f = flags.tolist()  # host sync (the step's other all-reduces sync anyway)
+        f = flags.tolist()  # host sync: the one a step needs before its last backward
         self.bad_ranks = [r for r in range(self.world_size) if f[r] > 0]
         self.teacher_side = bool(self.bad_ranks) and all(f[r] == 2.0 for r in self.bad_ranks)
         self.stop_requested = f[self.world_size] > 0

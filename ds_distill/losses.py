@@ -123,6 +123,37 @@ def slab_temps(layout: str = "auto") -> int:
     return 9 if chunk_layout(layout) == "vocab_major" else 6
 
 
+GEMM_WIDTH_MULTIPLE = 64
+
+
+def gemm_width(vocab_size: int, *weights: Tensor | None) -> int:
+    """Rows of the lm_heads the logits GEMMs use: the real vocabulary rounded up to a multiple of 64 (151,669 ->
+    151,680), within the rows every weight has. An odd width (Qwen3's tokenizer: 151,669) gives logits rows that
+    are not 16-byte aligned, which sends cuBLAS to slower kernels; the extra columns are padding (never part of a
+    distribution: the element-wise part reads the first vocab_size columns only, and their gradient is zero)."""
+    rows = min([w.shape[0] for w in weights if w is not None] or [vocab_size])
+    return max(vocab_size, min(-(-vocab_size // GEMM_WIDTH_MULTIPLE) * GEMM_WIDTH_MULTIPLE, rows))
+
+
+_MM_OUT_DTYPE: dict = {}  # (device type, dtype) -> whether torch.mm(..., out_dtype=float32) runs there
+
+
+def mm_fp32(a: Tensor, b: Tensor) -> Tensor:
+    """a @ b as fp32. For bf16 / fp16 operands the fp32 accumulator is kept instead of rounding the logits to bf16
+    before the softmax: torch's mm with an fp32 output on accelerators (no fp32 copy of an lm_head), on the CPU (which
+    lacks it) the same math by upcasting the operands; an accelerator without it rounds the product, then converts."""
+    if a.dtype in (torch.bfloat16, torch.float16):
+        if a.device.type == "cpu":
+            return torch.mm(a.float(), b.float())
+        key = (a.device.type, a.dtype)
+        if _MM_OUT_DTYPE.get(key, True):
+            try:
+                return torch.mm(a, b, out_dtype=torch.float32)
+            except (RuntimeError, TypeError, NotImplementedError):
+                _MM_OUT_DTYPE[key] = False
+    return torch.mm(a, b).float()
+
+
 def slab_rows(device_type: str, vocab_size: int) -> int:
     """Rows per element-wise slab on `device_type` ("cpu", or any accelerator); the planner counts the same."""
     elems = _SLAB_ELEMS_CPU if device_type == "cpu" else _SLAB_ELEMS_GPU
@@ -257,6 +288,7 @@ def distill_loss(
     teacher_bias: Tensor | None = None,
     student_transform: HeadTransform = IDENTITY,
     teacher_transform: HeadTransform = IDENTITY,
+    rows: Tensor | None = None,
 ) -> LossSums:
     """Distillation + CE loss sums for N positions (see the module docstring for every convention).
 
@@ -270,6 +302,8 @@ def distill_loss(
     bias [V_rows] (trained, for the student: it gets its gradient) and the family's `HeadTransform` (scale,
     softcap). Every impl applies them, chunk by chunk in the fused ones, with the transform's derivative in the
     gradient; plain heads (no bias, identity transform) take exactly the code path they took without them.
+    `rows` [n]: the indices of the trained labels when the caller found them and checked the labels (and top-k
+    ids) against the vocabulary on the host; the loss then reads no value on the device (no host synchronisation).
     """
     if divergence not in DIVERGENCES:
         raise ValueError(f"divergence={divergence!r}: expected one of {DIVERGENCES}")
@@ -314,13 +348,15 @@ def distill_loss(
         if b is not None and (w is None or b.dim() != 1 or b.shape[0] != w.shape[0]):
             raise ValueError(f"{name} must be [rows of its lm_head], got {tuple(b.shape)}")
 
-    # Drop untrained positions before any matmul (one host sync); also validates the labels.
-    valid = labels != IGNORE_INDEX
-    rows = valid.nonzero().squeeze(1)
-    lab = labels.index_select(0, rows)
-    if lab.numel() and (int(lab.min()) < 0 or int(lab.max()) >= vocab_size):
-        raise ValueError(f"labels must be -100 or in [0, {vocab_size}); got values in [{int(lab.min())}, "
-                         f"{int(lab.max())}]")
+    checked = rows is not None
+    if checked:
+        lab = labels.index_select(0, rows)
+    else:  # drop untrained positions before any matmul (host syncs: nonzero, the label check)
+        rows = (labels != IGNORE_INDEX).nonzero().squeeze(1)
+        lab = labels.index_select(0, rows)
+        if lab.numel() and (int(lab.min()) < 0 or int(lab.max()) >= vocab_size):
+            raise ValueError(f"labels must be -100 or in [0, {vocab_size}); got values in [{int(lab.min())}, "
+                             f"{int(lab.max())}]")
 
     if impl == "full":
         return _full_loss(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
@@ -334,7 +370,7 @@ def distill_loss(
         if rows.numel() != labels.shape[0]:
             ids, lps = ids.index_select(0, rows), lps.index_select(0, rows)
         topk_ids, topk_lp = ids.long(), lps.float()
-        if topk_ids.numel() and (int(topk_ids.min()) < 0 or int(topk_ids.max()) >= vocab_size):
+        if not checked and topk_ids.numel() and (int(topk_ids.min()) < 0 or int(topk_ids.max()) >= vocab_size):
             raise ValueError(f"teacher_topk ids must be in [0, {vocab_size}) (padded rows never get probability)")
     t_hidden = teacher_hidden
     if teacher_hidden is not None and rows.numel() != labels.shape[0]:
@@ -355,7 +391,7 @@ def _pack(total: Tensor, stats: Tensor, n_tokens: int, opts: _Opts) -> LossSums:
     if opts.alpha == 0:  # no teacher: teacher-side metrics do not exist
         for k in ("agree", "teacher_entropy", "topk_mass"):
             metrics.pop(k, None)
-    tokens = torch.tensor(n_tokens, dtype=torch.int64, device=total.device)
+    tokens = torch.full((), n_tokens, dtype=torch.int64, device=total.device)  # a fill, not a host-to-device copy
     return LossSums(total=total, ce=stats[0], kd=stats[1], tokens=tokens, metrics=metrics)
 
 
@@ -420,8 +456,9 @@ class _FusedLinearDistill(torch.autograd.Function):
                 topk_lp, o: _Opts):
         N, Hs = student_hidden.shape
         dev, V = student_hidden.device, o.vocab_size
-        w_s = student_weight[:V]  # [V, Hs] view: padded rows never take part
-        w_t = t_weight[:V] if t_weight is not None else None
+        Vg = gemm_width(V, student_weight, t_weight)  # the GEMMs' width (aligned); columns >= V are masked below
+        w_s = student_weight[:Vg]  # [Vg, Hs] view
+        w_t = t_weight[:Vg] if t_weight is not None else None
         n = rows.numel()
         compact = n != N  # the trainer usually passes trained positions only: then no copy at all
         h = student_hidden.index_select(0, rows) if compact else student_hidden  # [n, Hs]
@@ -454,17 +491,20 @@ class _FusedLinearDistill(torch.autograd.Function):
             t_c = None
             if has_t:
                 t_c = t_hidden[c0:c1] if t_scale == 1.0 else t_hidden[c0:c1] * t_scale
-            # student logits ([c, V] or [V, c]), overwritten in place with d(total)/d(logits); teacher logits
+            # student logits ([c, Vg] or [Vg, c]) in fp32, overwritten in place with d(total)/d(logits); teacher
+            # logits. The element-wise part sees the first V columns (rows in vocab_major) only.
             if vocab_major:
-                s = torch.mm(w_s, h_c.T).float()
-                t = torch.mm(w_t, t_c.T).float() if has_t else None
+                s_g = mm_fp32(w_s, h_c.T)
+                t = mm_fp32(w_t, t_c.T)[:V] if has_t else None
+                s = s_g[:V]
                 if b_s is not None:
                     s.add_(b_s[:, None])
                 if b_t is not None:
                     t.add_(b_t[:, None])
             else:
-                s = (h_c @ w_s.T).float()
-                t = (t_c @ w_t.T).float() if has_t else None
+                s_g = mm_fp32(h_c, w_s.T)
+                t = mm_fp32(t_c, w_t.T)[:, :V] if has_t else None
+                s = s_g[:, :V]
                 if b_s is not None:
                     s.add_(b_s)
                 if b_t is not None:
@@ -476,8 +516,10 @@ class _FusedLinearDistill(torch.autograd.Function):
             if want_grad:
                 if grad_b is not None:  # d/d(bias) = scale * column sums of d/d(scaled raw logits)
                     grad_b[:V] += (s.sum(1) if vocab_major else s.sum(0)).mul_(s_scale)
+                if Vg > V:  # padded columns: zero gradient (they still hold raw logits)
+                    (s_g[V:] if vocab_major else s_g[:, V:]).zero_()
                 # d(total)/d(student logits) in the matmul dtype; for bf16 the fp32 buffer is dropped here
-                s = s.to(h_c.dtype)
+                s = s_g.to(h_c.dtype)
                 g = s.T if vocab_major else s  # [c, V] view either way
                 if grad_h is not None:
                     torch.mm(g, w_s, out=grad_h[c0:c1])
@@ -485,11 +527,11 @@ class _FusedLinearDistill(torch.autograd.Function):
                         grad_h[c0:c1].mul_(s_scale)
                 if grad_w is not None:
                     if accumulate_fp32:
-                        grad_w[:V] += (g.T @ h_c).float()
+                        grad_w[:Vg] += (g.T @ h_c).float()
                     else:
-                        grad_w[:V].addmm_(g.T, h_c)
+                        grad_w[:Vg].addmm_(g.T, h_c)
                 del g  # a view of s: it would keep the chunk alive while the next one allocates
-            del s
+            del s, s_g
         total = (o.alpha * o.temperature ** 2 * stats[1] + (1 - o.alpha) * stats[0]).float()
         if grad_h is not None and compact:
             full = torch.zeros_like(student_hidden)

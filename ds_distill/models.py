@@ -126,11 +126,14 @@ class TeacherHidden(nn.Module):
         """weight, bias, transform (partitioned under ZeRO-3: gather head.params() before reading them)."""
         return heads.of_model(self.model)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, probe: bool = False):
-        hidden = _decoder(self.model)(input_ids=input_ids, attention_mask=attention_mask,
+    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor],
+                position_ids: Optional[torch.Tensor] = None, probe: bool = False):
+        """attention_mask None + position_ids: packed rows (data.collate_packed), attention within each sample."""
+        hidden = _decoder(self.model)(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                       use_cache=False).last_hidden_state
         if probe:  # (the model's own logits [B, S, V], hidden [B, S, H]) for trainer.probe_heads
-            return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits, hidden
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                              use_cache=False).logits, hidden
         return hidden
 
 
@@ -175,23 +178,37 @@ class StudentWithLoss(nn.Module):
 
     def forward(self, input_ids, attention_mask, labels, loss_kwargs: dict, teacher_hidden=None,
                 teacher_weight=None, teacher_topk=None, hidden_only: bool = False, teacher_bias=None,
-                probe: bool = False):
+                probe: bool = False, keep=None, position_ids=None, token_mask=None):
+        """`keep` [n]: the flat indices of the trained positions of labels[:, 1:] when the caller computed them on
+        the host (trainer.host_prepare: labels already checked against the vocabulary); then nothing here reads a
+        value on the device. Without it they are found here (a host synchronisation). `position_ids` with
+        attention_mask None: packed rows; `token_mask` [B, S] then marks the real tokens (padding excluded from an
+        MoE router's aux loss, as the attention mask does unpacked)."""
         want_aux = self.moe_aux is not None and not hidden_only and not probe
         extra = {"output_router_logits": True} if want_aux else {}
-        out_dec = _decoder(self.model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra)
+        out_dec = _decoder(self.model)(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                       use_cache=False, **extra)
         hidden = out_dec.last_hidden_state  # [B, S, H]
         if hidden_only:  # evaluation (evaluate.py): the final hidden states, through the engine's ZeRO-3 hooks
             return hidden
         if probe:  # the model's own logits and the fused head's, on these few positions (trainer.probe_heads)
-            own = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+            own = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             use_cache=False).logits
             return own, self.head.logits(hidden)
         # the router load-balancing loss of this micro-batch, as the HF forward computes it (a mean over its tokens)
-        aux = self.moe_aux(out_dec.router_logits, attention_mask).float().reshape(()) if want_aux else \
+        aux = self.moe_aux(out_dec.router_logits, attention_mask if token_mask is None else token_mask).float().reshape(()) if want_aux else \
             torch.zeros((), device=hidden.device)
         targets = labels[:, 1:].reshape(-1)  # [N]
-        keep = (targets != IGNORE_INDEX).nonzero().squeeze(1)
+        checked = keep is not None
+        if keep is None:
+            keep = (targets != IGNORE_INDEX).nonzero().squeeze(1)
+        loss_rows = None  # the trained rows among the kept ones: all of them, unless none is trained
         if keep.numel() == 0:  # fully masked micro-batch: one ignored row keeps every rank's graph identical
             keep = torch.zeros(1, dtype=torch.long, device=targets.device)
+            if checked:
+                loss_rows = torch.zeros(0, dtype=torch.long, device=targets.device)
+        elif checked:
+            loss_rows = torch.arange(keep.numel(), device=targets.device)
         h = hidden[:, :-1].reshape(-1, hidden.shape[-1]).index_select(0, keep)
         t_h = None
         if teacher_hidden is not None:
@@ -205,7 +222,7 @@ class StudentWithLoss(nn.Module):
         out: LossSums = distill_loss(h, head.weight, targets.index_select(0, keep),
                                      teacher_hidden=t_h, teacher_weight=teacher_weight, teacher_topk=t_topk,
                                      teacher_bias=teacher_bias, student_bias=getattr(head, "bias", None),
-                                     student_transform=self.transform, **loss_kwargs)
+                                     student_transform=self.transform, rows=loss_rows, **loss_kwargs)
         metrics = torch.stack([out.metrics.get(k, torch.zeros((), device=h.device)).float().reshape(())
                                for k in self.METRIC_KEYS])
         return out.total, out.ce, out.kd, out.tokens.float(), metrics, aux

@@ -17,7 +17,8 @@ Resident for the whole run ("states")
                        partitions to host memory.
   reduce bucket        ZeRO-2/3 copy gradients into a contiguous bucket of reduce_bucket_size elements (DeepSpeed
                        default 5e8: 1 GB in bf16). On CPU only the part gradients touch counts: min(bucket, Nt).
-  teacher parameters   ZeRO-3 shard N_teacher e / dp (host memory with teacher.offload_params).
+  teacher parameters   ZeRO-3 shard N_teacher e / dp (host memory with teacher.offload_params); teacher.sharding
+                       replicate: N_teacher e, and no gathered teacher layer or lm_head below.
 
 Transient, at the largest of three moments
   student forward end  (the peak in practice) ZeRO-3 gathered student weights: DeepSpeed keeps parameters that are
@@ -174,10 +175,36 @@ def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
+REPLICATE_FRACTION = 0.25  # teacher.sharding auto replicates a teacher whose weights take at most this of a GPU
+
+
+def auto_teacher_sharding(teacher_bytes: float, device_memory_bytes: Optional[float], *, offload_params: bool) -> str:
+    """teacher.sharding: auto -> replicate or zero3. Replicated, the teacher's forward needs no collective at all
+    (ZeRO-3 all-gathers the whole teacher for every micro-batch); it is chosen on GPUs when its weights take at most
+    REPLICATE_FRACTION of one device's memory (the student, its optimizer and the activations need the rest). On
+    CPU ranks (device_memory_bytes None: the ranks of a host share its memory) and with teacher.offload_params:
+    zero3."""
+    if offload_params or not device_memory_bytes:
+        return "zero3"
+    return "replicate" if teacher_bytes <= REPLICATE_FRACTION * device_memory_bytes else "zero3"
+
+
+def teacher_gather_seconds(teacher_params: int, e: int, world_size: int, gpus_per_node: int, *,
+                           intra_gbps: float, inter_gbps: float) -> tuple[float, float]:
+    """(bytes each rank receives, seconds) of the all-gathers of one ZeRO-3 teacher forward: (dp - 1)/dp of the
+    teacher's weights, the part held within the node at `intra_gbps`, the rest at `inter_gbps` (GB/s per GPU)."""
+    received = teacher_params * e * (world_size - 1) / world_size
+    local = teacher_params * e * (min(gpus_per_node, world_size) - 1) / world_size
+    remote = received - local
+    return received, local / (intra_gbps * 1e9) + remote / (inter_gbps * 1e9)
+
+
 def estimate(cfg, *, world_size: int, device: str = "gpu", student: Optional[Arch] = None,
              teacher: Optional[Arch] = None, micro_batch_size: Optional[int] = None,
-             chunk_size: Optional[int] = None, precision: Optional[str] = None) -> Plan:
-    """Estimate per-rank memory for `cfg` (a DistillConfig) on `world_size` ranks of kind `device` (gpu | cpu)."""
+             chunk_size: Optional[int] = None, precision: Optional[str] = None,
+             teacher_sharding: str = "zero3") -> Plan:
+    """Estimate per-rank memory for `cfg` (a DistillConfig) on `world_size` ranks of kind `device` (gpu | cpu);
+    `teacher_sharding` is a resolved teacher.sharding (replicate: the whole teacher on every rank, no gathers)."""
     import json
 
     T = cfg.train
@@ -230,7 +257,10 @@ def estimate(cfg, *, world_size: int, device: str = "gpu", student: Optional[Arc
         states.append(Item("reduce bucket", b * e, note=f"reduce_bucket_size {bucket:.0e}"))
 
     # --- teacher shard
-    if t is not None:
+    replicated = t is not None and teacher_sharding == "replicate"
+    if replicated:
+        states.append(Item("teacher params (replicated: whole)", t.params * e, note=f"{t.params / 1e6:.1f}M"))
+    elif t is not None:
         states.append(Item("teacher params (ZeRO-3 shard)", _ceil_div(t.params, dp) * e,
                            "host" if cfg.teacher.offload_params else "device",
                            f"{t.params / 1e6:.1f}M / {dp}" + (" (offloaded)" if cfg.teacher.offload_params else "")))
@@ -267,7 +297,8 @@ def estimate(cfg, *, world_size: int, device: str = "gpu", student: Optional[Arc
                        + (s.vocab_rows * s.hidden * (4 + e) if e != 4 else 0)))
     if t is not None:
         ph.append(Item("teacher hidden states + row copies", tok * t.hidden * e * 3))
-        ph.append(Item("teacher lm_head (gathered)", t.lm_head_params * e))
+        if not replicated:
+            ph.append(Item("teacher lm_head (gathered)", t.lm_head_params * e))
     phases = {"student forward end": ph}
 
     # --- phase: teacher forward
@@ -279,8 +310,8 @@ def estimate(cfg, *, world_size: int, device: str = "gpu", student: Optional[Arc
         except OSError:
             pass
         prefetch = int(tjs.get("stage3_prefetch_bucket_size", 5e7))
-        phases["teacher forward"] = [
-            Item("teacher gathered layer + prefetch", (t.layer_params + min(prefetch, t.params)) * e),
+        phases["teacher forward"] = ([] if replicated else [
+            Item("teacher gathered layer + prefetch", (t.layer_params + min(prefetch, t.params)) * e)]) + [
             Item("teacher layer activations (no grad)",
                  tok * e * (3 * t.intermediate + 4 * t.hq + 3 * t.hidden) + mask_bytes)]
     if stage == 3:
@@ -296,7 +327,7 @@ def estimate(cfg, *, world_size: int, device: str = "gpu", student: Optional[Arc
 
 def suggest(cfg, *, world_size: int, memory_bytes: float, device: str = "gpu", headroom: float = 0.1,
             student: Optional[Arch] = None, teacher: Optional[Arch] = None,
-            max_micro_batch: int = 1024) -> Optional[tuple[int, int, Plan]]:
+            max_micro_batch: int = 1024, teacher_sharding: str = "zero3") -> Optional[tuple[int, int, Plan]]:
     """Largest power-of-two micro_batch_size <= max_micro_batch (then the largest chunk_size up to 4096) whose
     peak fits in memory x (1 - headroom).
 
@@ -308,7 +339,7 @@ def suggest(cfg, *, world_size: int, memory_bytes: float, device: str = "gpu", h
     t = teacher
     if t is None and cfg.loss.alpha > 0 and cfg.teacher.path:
         t = read_arch(cfg.teacher.path, cfg.teacher.trust_remote_code)
-    kw = dict(world_size=world_size, device=device, student=s, teacher=t)
+    kw = dict(world_size=world_size, device=device, student=s, teacher=t, teacher_sharding=teacher_sharding)
     chunks = [128, 256, 512, 1024, 2048, 4096]  # beyond ~4k rows a chunk saves kernel launches, not time
     best = None
     mbs = 1

@@ -46,7 +46,7 @@ import numpy as np
 import torch
 
 from .errors import DistillError
-from .heads import IDENTITY, HeadTransform, head_logits
+from .heads import IDENTITY, HeadTransform
 
 FORMAT = "ds_distill.teacher_cache"
 VERSION = 1
@@ -125,16 +125,22 @@ def topk_logprobs(hidden: torch.Tensor, weight: torch.Tensor, *, vocab_size: int
     model's own: transform(hidden @ weight[:vocab_size].T + bias) (heads.py: Gemma's softcap, Cohere's scale...).
 
     The softmax is over the real vocabulary only (lm_head rows >= vocab_size are padding and never get mass).
-    Logits exist `chunk_size` positions at a time ([chunk, V] fp32); the GEMM runs in fp32 so that bf16 teachers do
-    not round logits to 8 bits before the softmax.
+    Logits exist `chunk_size` positions at a time ([chunk, V] fp32), from the fused loss's GEMM (`losses.mm_fp32`:
+    bf16 teachers do not round logits to 8 bits before the softmax, and no fp32 copy of the lm_head is made) over
+    its aligned width (`losses.gemm_width`; the padded columns are dropped before the softmax).
     """
-    w = weight[:vocab_size].float()  # [V, H] (a view for fp32 weights)
+    from .losses import gemm_width, mm_fp32
+
+    w = weight[:gemm_width(vocab_size, weight)]  # [Vg, H] view
     b = bias[:vocab_size].float() if bias is not None else None
     n = hidden.shape[0]
     ids = torch.empty((n, k), dtype=torch.int32, device=hidden.device)
     lps = torch.empty((n, k), dtype=torch.float32, device=hidden.device)
     for c0 in range(0, n, chunk_size):
-        logits = head_logits(hidden[c0:c0 + chunk_size].float(), w, b, transform)  # [c, V]
+        logits = mm_fp32(hidden[c0:c0 + chunk_size].to(w.dtype), w.T)[:, :vocab_size]  # [c, V] raw
+        if b is not None:
+            logits.add_(b)
+        logits = transform(logits)  # the family's scale / softcap (heads.py)
         if temperature != 1.0:
             logits.div_(temperature)
         lse = torch.logsumexp(logits, dim=1, keepdim=True)  # [c, 1]
@@ -495,6 +501,7 @@ def write_cache(cfg, cache_dir: str, *, top_k: int, dtype: str = "fp16", micro_b
     from . import data, engines, models, vocab
     from .config import validate
 
+    engines.check_device(cfg.train.device)  # GPUs given to the job but unusable: refused, not a CPU run
     rank, world, _ = engines.init_distributed(cfg.train.watchdog_timeout_s or 1800.0)
     if cfg.teacher.path is None:
         raise DistillError("teacher.path: required to write a teacher cache -> set it to the teacher's directory")

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import ast
 import json
-import os
 import random
 import sysconfig
 from pathlib import Path

@@ -12,10 +12,8 @@ import dataclasses
 import errno
 import itertools
 import json
-import math
 import os
 import shutil
-import signal
 import sys
 import time
 from typing import Optional
@@ -182,11 +180,28 @@ def check_top_k(cfg: DistillConfig, vocab_size: int) -> None:
                            f"loss.top_k <= {vocab_size} (typically 32-256), or loss.impl: chunked (exact)"])
 
 
+def teacher_sharding(cfg: DistillConfig, dtype: torch.dtype) -> str:
+    """teacher.sharding resolved: auto -> replicate or zero3 (planner.auto_teacher_sharding: from the teacher's size
+    in config.json and this device's memory)."""
+    if cfg.teacher.sharding != "auto":
+        return cfg.teacher.sharding
+    from . import planner
+
+    memory = None if engines.on_cpu() else engines.device_memory_bytes()
+    size = planner.read_arch(cfg.teacher.path, cfg.teacher.trust_remote_code).params * dtype.itemsize if memory \
+        else 0
+    return planner.auto_teacher_sharding(size, memory, offload_params=cfg.teacher.offload_params)
+
+
 def build(cfg: DistillConfig) -> Run:
+    engines.check_device(cfg.train.device)  # before the process group: a silent CPU fallback would pick gloo
     rank, world, _ = engines.init_distributed(guards.process_group_timeout(cfg.train.watchdog_timeout_s))
     validate(cfg, world)
     overwrite = check_output_dir(cfg, rank)  # nothing is deleted before the data and models are checked
     precision = engines.resolve_precision(cfg.train.precision)
+    if rank == 0:
+        print(f"[ds_distill] {engines.describe_device(precision)} (train.device: {cfg.train.device}, "
+              f"train.precision: {cfg.train.precision})", flush=True)
     dtype = engines.torch_dtype(precision)
     T = cfg.train
 
@@ -242,8 +257,9 @@ def build(cfg: DistillConfig) -> Run:
     student_ds = engines.student_ds_config(
         micro_batch_size=T.micro_batch_size, grad_accum_steps=T.grad_accum_steps, world_size=world,
         zero_stage=T.zero_stage, precision=precision, lr=T.lr, betas=T.betas, weight_decay=T.weight_decay,
-        grad_clip=T.grad_clip,
-        offload_optimizer=T.offload_optimizer, overrides=cfg.ds_config_overrides)
+        grad_clip=T.grad_clip, offload_optimizer=T.offload_optimizer,
+        optimizer=engines.resolve_optimizer(T.optimizer), hpz_partition_size=T.zero_hpz_partition_size,
+        overrides=cfg.ds_config_overrides)
     torch.manual_seed(T.seed)
     student = engines.load_partitioned(lambda: models.load_causal_lm(
         cfg.student.path, dtype=dtype, trust_remote_code=cfg.student.trust_remote_code,
@@ -265,6 +281,9 @@ def build(cfg: DistillConfig) -> Run:
     # from_pretrained returns the model in eval mode: without train(), activation checkpointing (which HF applies
     # only in training mode) and dropout (LoRA's included) would silently be off
     student_engine.train()
+    if rank == 0:
+        print(f"[ds_distill] optimizer: {engines.describe_optimizer(student_engine)} (train.optimizer: "
+              f"{T.optimizer})", flush=True)
     held, total = engines.partition_counts(student_engine.module)
     print(f"[ds_distill] rank {rank}/{world}: student ZeRO-{T.zero_stage} holds {held} of {total} parameter "
           f"elements ({100.0 * held / max(total, 1):.1f}%)", flush=True)
@@ -273,14 +292,27 @@ def build(cfg: DistillConfig) -> Run:
     teacher_engine = None
     teacher_rows = None
     if cfg.teacher.path and cfg.loss.alpha > 0:
-        teacher_ds = engines.teacher_ds_config(cfg.teacher.ds_config, micro_batch_size=T.micro_batch_size,
-                                               world_size=world, precision=precision,
-                                               offload_params=cfg.teacher.offload_params)
-        teacher = engines.load_partitioned(lambda: models.load_causal_lm(
-            cfg.teacher.path, dtype=dtype, trust_remote_code=cfg.teacher.trust_remote_code,
-            allow_pickle=cfg.teacher.allow_pickle_weights), teacher_ds)
-        teacher_rows = models.vocab_rows(teacher)
-        teacher_engine = engines.build_teacher_engine(models.TeacherHidden(teacher), teacher_ds)
+        # one decision for all ranks (GPUs of different sizes must not give ranks different teacher layouts)
+        sharding = engines.broadcast_object(teacher_sharding(cfg, dtype) if rank == 0 else None)
+        if rank == 0:
+            print(f"[ds_distill] teacher: {sharding} (teacher.sharding: {cfg.teacher.sharding})", flush=True)
+
+        def load_teacher():
+            return models.load_causal_lm(cfg.teacher.path, dtype=dtype,
+                                         trust_remote_code=cfg.teacher.trust_remote_code,
+                                         allow_pickle=cfg.teacher.allow_pickle_weights)
+
+        if sharding == "replicate":
+            teacher = load_teacher()
+            teacher_rows = models.vocab_rows(teacher)
+            teacher_engine = engines.ReplicatedTeacher(models.TeacherHidden(teacher), engines.device())
+        else:
+            teacher_ds = engines.teacher_ds_config(cfg.teacher.ds_config, micro_batch_size=T.micro_batch_size,
+                                                   world_size=world, precision=precision,
+                                                   offload_params=cfg.teacher.offload_params)
+            teacher = engines.load_partitioned(load_teacher, teacher_ds)
+            teacher_rows = models.vocab_rows(teacher)
+            teacher_engine = engines.build_teacher_engine(models.TeacherHidden(teacher), teacher_ds)
     if topk_cache is not None:
         teacher_rows = int(topk_cache.manifest["teacher_vocab_rows"])
     vocab_size, vocab_message = vocab.reconcile_vocab(teacher_rows or models.vocab_rows(student),
@@ -330,7 +362,9 @@ def build(cfg: DistillConfig) -> Run:
                              "-> add data or use fewer ranks")
     stream = data.MicroBatchStream(train_ds, rank=rank, world_size=world, micro_batch_size=T.micro_batch_size,
                                    seed=T.seed, pad_token_id=tokenizer.pad_token_id,
-                                   samples_consumed=state.samples_consumed)
+                                   samples_consumed=state.samples_consumed,
+                                   pack_capacity=(cfg.data.pack_length or 2 * cfg.data.max_length)
+                                   if cfg.data.packing else 0)
     if state.data_state:
         stream.load_state_dict(state.data_state)  # same seed, rows and world size, or a DataError
     state.extra["run"] = run_identity(cfg)
@@ -403,8 +437,38 @@ def probe_heads(run: Run, mb: dict) -> dict:
     return out
 
 
+def host_prepare(mb: dict, vocab_size: int, topk: Optional[tuple] = None) -> tuple[dict, int, int]:
+    """Host side of a micro-batch, before it is copied to the device: everything that reads values (not only
+    shapes) is done here, where reading a tensor costs no device synchronisation.
+
+    Returns (the micro-batch with `keep` [n]: flat indices of the trained positions of labels[:, 1:], what the loss
+    reads; trained tokens n; attended tokens). Checks the labels and a cached top-k's ids against the vocabulary,
+    which the loss then does not re-check on the device.
+    """
+    targets = mb["labels"][:, 1:].reshape(-1)  # [B*(S-1)]
+    keep = (targets != models.IGNORE_INDEX).nonzero().squeeze(1)
+    lab = targets.index_select(0, keep)
+    if lab.numel() and (int(lab.min()) < 0 or int(lab.max()) >= vocab_size):
+        raise data.DataError(f"data: label ids in [{int(lab.min())}, {int(lab.max())}] outside the vocabulary of "
+                             f"{vocab_size} tokens (sample ids {mb['sample_ids'].tolist()}) -> the tokenizer and "
+                             "the models disagree: check tokenizer_path")
+    if topk is not None and topk[0].numel() and (int(topk[0].min()) < 0 or int(topk[0].max()) >= vocab_size):
+        raise data.DataError(f"teacher.cache: top-k ids outside [0, {vocab_size}) -> rebuild the cache with this "
+                             "run's teacher and tokenizer")
+    return {**mb, "keep": keep}, int(keep.numel()), int(mb["attention_mask"].sum())
+
+
+def token_slots(mb: dict) -> int:
+    """Token positions the models compute for a micro-batch (real tokens + padding): data/fill's denominator."""
+    return mb["input_ids"].numel()
+
+
 def _to_device(mb: dict, dev: torch.device) -> dict:
-    return {k: v.to(dev, non_blocking=True) for k, v in mb.items()}
+    """Copy a micro-batch to `dev`: from pinned host memory on accelerators (an asynchronous DMA; a pageable copy
+    makes the host wait for it)."""
+    if dev.type == "cpu":
+        return dict(mb)
+    return {k: v.pin_memory().to(dev, non_blocking=True) for k, v in mb.items()}
 
 
 def train_step(run: Run, micro_batches: list[dict], before_step=None,
@@ -413,39 +477,51 @@ def train_step(run: Run, micro_batches: list[dict], before_step=None,
 
     `before_step(local_sums)` runs after the last backward and before the optimizer step, on every rank: the
     gradients of the whole step are then complete (read them with `engines.full_grad`), and the weights untouched.
+
+    Host synchronisations: one in `guard.check` (its flags decide before the last backward) and one at the end
+    (the step's sums and this rank's peak memory, all-reduced together). The token counts are known on the host
+    before any copy; the normaliser stays a device tensor. tests/test_gpu_readiness.py counts them.
     """
     eng, teacher = run.student_engine, run.teacher_engine
     dev = engines.device()
+    topks = []
+    if run.teacher_topk_cache is not None:  # rows by sample id, aligned with labels[:, 1:]: [B, S-1, k] each
+        topks = [run.teacher_topk_cache.batch(mb["sample_ids"], mb["attention_mask"]) for mb in micro_batches]
+    prepared = [host_prepare(mb, run.loss_kwargs["vocab_size"], topks[i] if topks else None)
+                for i, mb in enumerate(micro_batches)]
+    micro_batches = [p[0] for p in prepared]
     # Global number of trained tokens of this step, known before any forward: the single normaliser.
-    local_tokens = sum(int((mb["labels"][:, 1:] != models.IGNORE_INDEX).sum()) for mb in micro_batches)
-    local_seq_tokens = sum(int(mb["attention_mask"].sum()) for mb in micro_batches)
-    counts = engines.all_reduce_sum(torch.tensor([local_tokens, local_seq_tokens], dtype=torch.float64, device=dev))
-    global_tokens, global_seq_tokens = counts.tolist()
-    scale = run.world_size / max(global_tokens, 1.0)  # x world: DeepSpeed averages gradients over ranks
+    local_tokens, local_seq_tokens = sum(p[1] for p in prepared), sum(p[2] for p in prepared)
+    local_slots = sum(token_slots(mb) for mb in micro_batches)
+    counts = engines.all_reduce_sum(_to_device({"n": torch.tensor([local_tokens, local_seq_tokens, local_slots],
+                                                                  dtype=torch.float64)}, dev)["n"])
+    scale = run.world_size / counts[0].clamp(min=1.0)  # x world: DeepSpeed averages gradients over ranks
 
     sums = torch.zeros(len(SUM_KEYS), dtype=torch.float64, device=dev)
     # an MoE student's router aux loss is a per-forward mean (as in its HF forward): each micro-batch's gets weight
     # coef / (micro-batches x ranks) in the step's objective; DeepSpeed's average over ranks supplies the 1 / ranks
     aux_weight = eng.module.aux_coef / len(micro_batches)
-    for mb in micro_batches:
+    for i, mb in enumerate(micro_batches):
         teacher_topk = None
-        if run.teacher_topk_cache is not None:  # rows by sample id, aligned with labels[:, 1:]: [B, S-1, k] each
-            teacher_topk = tuple(t.to(dev, non_blocking=True) for t in
-                                 run.teacher_topk_cache.batch(mb["sample_ids"], mb["attention_mask"]))
+        if topks:
+            teacher_topk = tuple(_to_device({"ids": topks[i][0], "lps": topks[i][1]}, dev).values())
         mb = _to_device(mb, dev)
+        position_ids = mb.get("position_ids")  # packed rows: no attention_mask, positions restart per sample
+        attention_mask = mb["attention_mask"] if position_ids is None else None
         teacher_hidden, t_head = None, None
         if teacher is not None:
             with torch.no_grad():
-                teacher_hidden = teacher(mb["input_ids"], mb["attention_mask"])  # [B, S, Ht]
+                teacher_hidden = teacher(mb["input_ids"], attention_mask, position_ids)  # [B, S, Ht]
             t_head = teacher.module.head
         with engines.gathered(t_head.params() if t_head is not None else []):
             total, ce, kd, tokens, metrics, aux = eng(
-                mb["input_ids"], mb["attention_mask"], mb["labels"], run.loss_kwargs, teacher_hidden=teacher_hidden,
+                mb["input_ids"], attention_mask, mb["labels"], run.loss_kwargs, teacher_hidden=teacher_hidden,
                 teacher_weight=t_head.weight if t_head is not None else None,
-                teacher_bias=t_head.bias if t_head is not None else None, teacher_topk=teacher_topk)
-        one = torch.ones((), dtype=torch.float64, device=dev)
-        sums += torch.cat([torch.stack([total.detach().double(), ce.double(), kd.double(), tokens.double(),
-                                        aux.detach().double(), one]), metrics.double()])
+                teacher_bias=t_head.bias if t_head is not None else None, teacher_topk=teacher_topk,
+                keep=mb["keep"], position_ids=position_ids, token_mask=mb["attention_mask"])
+        one = torch.ones((), dtype=total.dtype, device=dev)
+        sums += torch.cat([torch.stack([total.detach(), ce, kd, tokens, aux.detach().to(total.dtype), one]).double(),
+                           metrics.double()])
         loss = total * scale
         if aux_weight:
             loss = loss + aux * aux_weight
@@ -455,11 +531,15 @@ def train_step(run: Run, micro_batches: list[dict], before_step=None,
         if before_step is not None and eng.is_gradient_accumulation_boundary():
             before_step(sums)
         eng.step()  # DeepSpeed applies the optimizer only at the accumulation boundary
-    engines.all_reduce_sum(sums)
-    out = dict(zip(SUM_KEYS, sums.tolist()))  # host sync: once per step
+    # this rank's peak memory in its own slot: the sum over ranks gathers them, max taken on the host
+    peaks = torch.zeros(run.world_size, dtype=torch.float64, device=dev)
+    peaks[run.rank] = engines.local_peak_memory_gb()
+    reduced = engines.all_reduce_sum(torch.cat([sums, peaks]))
+    host = torch.cat([reduced, counts]).tolist()  # host sync: once per step (counts are global already)
+    out = dict(zip(SUM_KEYS, host))
+    out["mem/peak_gb"] = max(host[len(SUM_KEYS):len(SUM_KEYS) + run.world_size])
+    out["global_tokens"], out["global_seq_tokens"], out["global_slots"] = host[-3:]
     out["aux_coef"] = eng.module.aux_coef
-    out["global_tokens"] = global_tokens
-    out["global_seq_tokens"] = global_seq_tokens
     return out
 
 
@@ -475,7 +555,9 @@ def step_metrics(sums: dict, *, lr: float, grad_norm: Optional[float], seconds: 
         total += sums["aux_coef"] * aux
     row = {"loss/total": total, "loss/ce": sums["ce"] / n, "loss/kl": sums["kd"] / n, "lr": lr,
            "grad_norm": float("nan") if grad_norm is None else float(grad_norm),
-           "tokens_per_sec": sums["global_seq_tokens"] / max(seconds, 1e-9), "tokens": sums["tokens"]}
+           "tokens_per_sec": sums["global_seq_tokens"] / max(seconds, 1e-9), "tokens": sums["tokens"],
+           # real (non-padding) tokens per computed token slot, teacher and student alike
+           "data/fill": sums["global_seq_tokens"] / max(sums["global_slots"], 1.0)}
     for k in models.StudentWithLoss.METRIC_KEYS:
         row[f"kd/{k}"] = sums[f"kd/{k}"] / n
     if aux is not None:
@@ -703,7 +785,7 @@ def train(run: Run, tracker: Tracker, watchdog: Optional[guards.Watchdog] = None
             run.state.tokens_seen += int(sums["tokens"])
             grad_norm = eng.get_global_grad_norm()
             last = step_metrics(sums, lr=lr, grad_norm=grad_norm, seconds=time.time() - t0)
-            last["mem/peak_gb"] = engines.peak_memory_gb()  # collective (max over ranks)
+            last["mem/peak_gb"] = sums["mem/peak_gb"]  # max over ranks, all-reduced with the step's sums
             if run.state.step % cfg.train.log_every == 0 or run.state.step == cfg.train.max_steps:
                 tracker.log(run.state.step, last)
         every = cfg.checkpoint.every_steps

@@ -256,7 +256,15 @@ CASES = {
     "tokenizer_path_other_ids": (_same_size_other_tokenizer,
                                  ["tokenizer_path", "other_tok", "different ids", "teacher.path"]),
     "rendezvous_port_in_use": (lambda a, d: ({}, []), ["MASTER_PORT", "already in use", "--master_port"]),
+    # GPUs handed to the job that this (CPU-only) torch cannot use: refused, not a silent CPU run (ENV_CASES)
+    "gpus_visible_torch_cannot_use": (lambda a, d: ({}, []), ["train.device: auto", "CUDA_VISIBLE_DEVICES=0",
+                                                             "CPU-only build", "train.device: cpu"]),
+    "slurm_step_gpus_torch_cannot_use": (lambda a, d: ({}, []), ["SLURM_STEP_GPUS=0,1", "CPU-only build"]),
+    "device_cuda_unusable": (lambda a, d: ({"train": {"device": "cuda"}}, []), ["train.device: cuda",
+                                                                               "CPU-only build"]),
 }
+ENV_CASES = {"gpus_visible_torch_cannot_use": {"CUDA_VISIBLE_DEVICES": "0"},
+             "slurm_step_gpus_torch_cannot_use": {"SLURM_STEP_GPUS": "0,1"}}
 
 
 def _prior_output(out: Path) -> None:
@@ -289,7 +297,7 @@ def results(tiny_assets, tmp_path_factory):
             _prior_output(d / "out")
             _other_run_checkpoint(d / "out")
         cases[name] = {"dir": str(d), "argv": ["--config", write_yaml(cfg, d / "config.yaml"), *argv],
-                       "env": {"OMP_NUM_THREADS": "1"}}
+                       "env": {"OMP_NUM_THREADS": "1", **ENV_CASES.get(name, {})}}
         if name == "rendezvous_port_in_use":  # a port this test process holds open while the cases run
             busy.bind(("127.0.0.1", 0))
             busy.listen(1)

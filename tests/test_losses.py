@@ -402,3 +402,61 @@ def test_topk_from_cache_at_temperature_2_equals_online(divergence):
     assert_close_rel(cached.kd, online.kd, 1e-5)
     assert_close_rel(h.grad, gh_on, 1e-5)
     assert_close_rel(w.grad, gw_on, 1e-5)
+
+
+def test_gemm_width_rounds_up_within_the_lm_head_rows():
+    from ds_distill.losses import gemm_width
+
+    w = torch.empty(151936, 1)
+    assert gemm_width(151669, w, w) == 151680  # Qwen3's tokenizer length -> a multiple of 64
+    assert gemm_width(151669, torch.empty(151669, 1)) == 151669  # no padded rows: nothing to add
+    assert gemm_width(151669, w, torch.empty(151672, 1)) == 151672  # the smaller lm_head bounds it
+    assert gemm_width(151669, w, None) == 151680  # CE only / cached teacher: no teacher weight
+    assert gemm_width(V, torch.empty(S_ROWS, 1), torch.empty(T_ROWS, 1)) == S_ROWS  # what the tests here use
+
+
+@pytest.mark.parametrize("impl", ["chunked", "topk"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_padded_width_gemms_equal_real_width(impl, dtype, monkeypatch):
+    """The logits GEMMs over the padded width (columns >= V masked) give today's losses and gradients: the padded
+    columns never reach a distribution and get exactly zero gradient."""
+    import ds_distill.losses as losses_mod
+
+    hs, ws, ht, wt, labels = make_inputs(dtype=dtype)
+    kw = dict(alpha=0.5, temperature=2.0, chunk_size=16, top_k=7)
+    assert losses_mod.gemm_width(V, ws, wt) == S_ROWS > V
+    padded = run(impl, hs, ws, ht, wt, labels, **kw)
+    monkeypatch.setattr(losses_mod, "GEMM_WIDTH_MULTIPLE", 1)  # GEMMs over exactly V rows, as before
+    assert losses_mod.gemm_width(V, ws, wt) == V
+    real = run(impl, hs, ws, ht, wt, labels, **kw)
+    tol = 1e-6 if dtype == torch.float32 else 1e-3
+    for a, b in ((padded[0].total.detach(), real[0].total.detach()), (padded[0].ce, real[0].ce),
+                 (padded[0].kd, real[0].kd)):
+        assert abs(float(a) - float(b)) <= tol * abs(float(b)), (float(a), float(b))
+    assert_close_rel(padded[1], real[1], tol)
+    assert_close_rel(padded[2], real[2], tol)
+    assert padded[2][V:].abs().max() == 0 and real[2][V:].abs().max() == 0
+
+
+def test_mm_fp32_returns_fp32_logits():
+    from ds_distill.losses import mm_fp32
+
+    a, b = torch.randn(4, 8), torch.randn(8, 3)
+    torch.testing.assert_close(mm_fp32(a, b), a @ b)
+    ab = mm_fp32(a.bfloat16(), b.bfloat16())  # exact bf16 products summed in fp32, not rounded to bf16
+    assert ab.dtype == torch.float32
+    torch.testing.assert_close(ab, a.bfloat16().float() @ b.bfloat16().float(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cache_writer_topk_uses_the_loss_gemm_and_ignores_padded_rows(dtype):
+    """teacher_cache.topk_logprobs (the offline cache writer): the padded-width fp32-accumulating GEMM gives the
+    top-k of an fp64 softmax over the real vocabulary (the padded rows' huge logits never show up)."""
+    from ds_distill.teacher_cache import topk_logprobs
+
+    _, _, ht, wt, _ = make_inputs(dtype=dtype)
+    ids, lps = topk_logprobs(ht, wt, vocab_size=V, k=5, temperature=2.0, chunk_size=16)
+    ref = torch.log_softmax((ht.double() @ wt.double()[:V].T) / 2.0, dim=1)
+    assert int(ids.max()) < V
+    torch.testing.assert_close(lps.double(), ref.gather(1, ids.long()), rtol=0, atol=1e-5)
+    assert torch.equal(ref.topk(5, dim=1).values, ref.gather(1, ids.long()))

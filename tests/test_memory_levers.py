@@ -3,12 +3,14 @@
 The launch (this file run as a script under `deepspeed`) builds, one after another in the same two processes, the
 tiny distillation run with:  ZeRO-3 (reference) | ZeRO-3 + student.activation_checkpointing + teacher.offload_params
 + loss.layout vocab_major | ZeRO-0 | ZeRO-1 | ZeRO-2 | ZeRO-2 + train.offload_optimizer | ZeRO-3 +
-train.offload_optimizer, through the real `trainer.build(cfg)`, and runs 3 optimizer steps of 2 micro-batches each on
-the same data. Checked:
+train.offload_optimizer | ZeRO-3 + teacher.sharding replicate, through the real `trainer.build(cfg)`, and runs 3
+optimizer steps of 2 micro-batches each on the same data. Checked:
 
 - the levers really are on: the engines report the requested ZeRO stage and offload settings, the loss gets the
   requested chunk layout, and with activation checkpointing each student decoder layer's attention runs forward
   twice per micro-batch (forward + recompute in backward);
+- teacher.sharding replicate (the whole teacher on each rank, no ZeRO engine): the same per-step losses and grad
+  norms as the partitioned teacher (1e-6 relative) and bit-identical teacher hidden states;
 - teacher parameter offload: the teacher's final hidden states on the first micro-batch are bit-identical;
 - activation checkpointing (+ the vocab-major loss layout): the same losses and grad norms at every step (1e-6
   relative), the same full gradients at step 1 and the same final weights (1e-6 absolute);
@@ -31,6 +33,7 @@ VARIANTS = {  # name -> dotted config overrides
     "z2": {"train.zero_stage": 2},
     "z2_optoff": {"train.zero_stage": 2, "train.offload_optimizer": True},
     "z3_optoff": {"train.offload_optimizer": True},
+    "z3_trep": {"teacher.sharding": "replicate"},
 }
 STEPS = 3
 
@@ -64,7 +67,9 @@ def _drive(config_path: str) -> None:
         calls = [0]
         handle = layer0.register_forward_hook(lambda *a: calls.__setitem__(0, calls[0] + 1))
         rec = {"stage": eng.zero_optimization_stage(), "offload_optimizer": bool(eng.zero_cpu_offload()),
-               "teacher_offload_param": str(getattr(teacher.zero_offload_param(), "device", "none")).endswith("cpu"),
+               "teacher_offload_param": hasattr(teacher, "zero_offload_param") and str(
+                   getattr(teacher.zero_offload_param(), "device", "none")).endswith("cpu"),
+               "teacher_partitioned": any(engines.is_partitioned(p) for p in teacher.module.parameters()),
                "loss_layout": run.loss_kwargs["layout"], "steps": []}
         out = cfg.output_dir
         grads = {}
@@ -107,7 +112,7 @@ if __name__ == "__main__":
     sys.exit(0)
 
 
-from conftest import ROOT, assert_ok, run_deepspeed, tiny_config, write_yaml  # noqa: E402
+from conftest import assert_ok, run_deepspeed, tiny_config, write_yaml  # noqa: E402
 
 pytestmark = pytest.mark.multirank
 
@@ -152,6 +157,14 @@ def check_results(out, student_path) -> None:
         assert rec[n]["loss_layout"] == over.get("loss.layout", "auto"), n
     assert ref["layer0_forwards_step1"] == 2  # 2 micro-batches, no recompute
     assert rec["z3_ac_toff"]["layer0_forwards_step1"] == 4  # forward + recompute in backward
+
+    # teacher.sharding: replicate is a whole teacher on each rank (auto = ZeRO-3 on CPU ranks) with the same
+    # results: per-step losses and grad norms 1e-6, bit-identical teacher hidden states (below)
+    assert rec["z3_trep"]["teacher_partitioned"] is False
+    assert all(rec[n]["teacher_partitioned"] for n in VARIANTS if n != "z3_trep")
+    for s, (a, b) in enumerate(zip(rec["z3_trep"]["steps"], ref["steps"])):
+        for k in ("loss/total", "loss/ce", "loss/kl", "grad_norm"):
+            assert _rel(a[k], b[k]) <= 1e-6, (s, k, a[k], b[k])
 
     # teacher parameter offload: bit-identical teacher outputs
     assert torch.equal(TH["z3_ac_toff"], TH["z3"])

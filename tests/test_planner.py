@@ -203,9 +203,16 @@ def test_plan_cli_on_qwen3_4b_to_0_6b(tmp_path, capsys):
 
     p80 = plan(80)
     out = p80.stdout
-    for part in ("student params (ZeRO-3 shard)", "AdamW m + v", "teacher params (ZeRO-3 shard)",
-                 "student activations", "loss chunk buffers", "= PEAK on device", "suggestion:"):
-        assert part in out, (part, out)
+    for part in ("student params (ZeRO-3 shard)", "AdamW m + v", "teacher params (replicated: whole)",
+                 "student activations", "loss chunk buffers", "= PEAK on device", "suggestion:",
+                 "auto would choose replicate", "all-gathers 7.04 GB per rank",
+                 "recommendation: teacher.sharding: replicate"):
+        assert part in out, (part, out)  # 7.49 GiB of teacher in 80 GiB: auto replicates it
+    z3 = plan(80, "--teacher.sharding", "zero3").stdout
+    assert "teacher params (ZeRO-3 shard)" in z3 and "teacher lm_head (gathered)" in z3
+    peak = {o: float([x for x in o.splitlines() if "= PEAK on device" in x][0].split()[-1]) for o in (out, z3)}
+    # the peak is at the student forward end: the whole teacher stays resident, its lm_head is no longer gathered
+    assert abs(peak[out] - peak[z3] - (7.492 - 0.937 - 0.724)) < 0.01, peak
     assert p80.returncode == 0 and "fits in 80.0 GiB" in out
 
     def suggested(o):

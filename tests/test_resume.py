@@ -21,7 +21,6 @@ import uuid
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT, assert_ok, read_jsonl, run_deepspeed, tiny_config, write_yaml

@@ -11,7 +11,6 @@
 """
 import json
 import math
-import os
 import re
 from pathlib import Path
 
