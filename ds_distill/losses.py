@@ -75,7 +75,7 @@ only: sum_k p_T, the teacher mass the top-k covers).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 import torch.nn.functional as F
@@ -264,6 +264,27 @@ class _Opts:
     @property
     def want_grad(self) -> bool:
         return self.need_grad_hidden or self.need_grad_weight or self.need_grad_bias
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """A run's loss settings, built once from the config (trainer.build) and held by the student wrapper
+    (models.StudentWithLoss.loss_spec): every `distill_loss` argument that is not a tensor. `distill_loss(...,
+    **spec.kwargs())` is the loss of that run."""
+    vocab_size: int
+    alpha: float
+    temperature: float = 1.0
+    divergence: str = "forward_kl"
+    beta: float = 0.5
+    skew_lambda: float = 0.1
+    impl: str = "chunked"
+    chunk_size: int = 1024
+    top_k: int = 64
+    layout: str = "auto"
+    teacher_transform: HeadTransform = IDENTITY
+
+    def kwargs(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 def distill_loss(

@@ -19,7 +19,7 @@ from torch import nn
 
 from . import heads
 from .errors import ModelError
-from .losses import LossSums, distill_loss
+from .losses import LossSpec, LossSums, distill_loss
 
 IGNORE_INDEX = -100
 
@@ -148,9 +148,10 @@ class StudentWithLoss(nn.Module):
 
     METRIC_KEYS = ("agree", "teacher_entropy", "student_entropy", "topk_mass")
 
-    def __init__(self, model: nn.Module, register_external=None):
+    def __init__(self, model: nn.Module, register_external=None, loss_spec: Optional[LossSpec] = None):
         super().__init__()
         self.model = model
+        self.loss_spec = loss_spec  # losses.LossSpec; trainer.build sets it once the vocabulary is reconciled
         self.transform = heads.transform_of(_base(model).config)
         self.moe_aux = MoeAux.of(model)
         if register_external is not None:
@@ -176,10 +177,10 @@ class StudentWithLoss(nn.Module):
     def lm_head_weight(self) -> nn.Parameter:
         return _lm_head(self.model).weight
 
-    def forward(self, input_ids, attention_mask, labels, loss_kwargs: dict, teacher_hidden=None,
-                teacher_weight=None, teacher_topk=None, hidden_only: bool = False, teacher_bias=None,
-                probe: bool = False, keep=None, position_ids=None, token_mask=None):
-        """`keep` [n]: the flat indices of the trained positions of labels[:, 1:] when the caller computed them on
+    def forward(self, input_ids, attention_mask, labels=None, teacher_hidden=None, teacher_weight=None,
+                teacher_topk=None, hidden_only: bool = False, teacher_bias=None, probe: bool = False, keep=None,
+                position_ids=None, token_mask=None):
+        """The loss is `self.loss_spec`'s (set once by trainer.build). `keep` [n]: the flat indices of the trained positions of labels[:, 1:] when the caller computed them on
         the host (trainer.host_prepare: labels already checked against the vocabulary); then nothing here reads a
         value on the device. Without it they are found here (a host synchronisation). `position_ids` with
         attention_mask None: packed rows; `token_mask` [B, S] then marks the real tokens (padding excluded from an
@@ -196,8 +197,13 @@ class StudentWithLoss(nn.Module):
                              use_cache=False).logits
             return own, self.head.logits(hidden)
         # the router load-balancing loss of this micro-batch, as the HF forward computes it (a mean over its tokens)
-        aux = self.moe_aux(out_dec.router_logits, attention_mask if token_mask is None else token_mask).float().reshape(()) if want_aux else \
-            torch.zeros((), device=hidden.device)
+        if want_aux:
+            mask = attention_mask if token_mask is None else token_mask
+            aux = self.moe_aux(out_dec.router_logits, mask).float().reshape(())
+        else:
+            aux = torch.zeros((), device=hidden.device)
+        if self.loss_spec is None:
+            raise RuntimeError("StudentWithLoss.loss_spec is not set: build the wrapper with loss_spec=LossSpec(...)")
         targets = labels[:, 1:].reshape(-1)  # [N]
         checked = keep is not None
         if keep is None:
@@ -222,7 +228,7 @@ class StudentWithLoss(nn.Module):
         out: LossSums = distill_loss(h, head.weight, targets.index_select(0, keep),
                                      teacher_hidden=t_h, teacher_weight=teacher_weight, teacher_topk=t_topk,
                                      teacher_bias=teacher_bias, student_bias=getattr(head, "bias", None),
-                                     student_transform=self.transform, rows=loss_rows, **loss_kwargs)
+                                     student_transform=self.transform, rows=loss_rows, **self.loss_spec.kwargs())
         metrics = torch.stack([out.metrics.get(k, torch.zeros((), device=h.device)).float().reshape(())
                                for k in self.METRIC_KEYS])
         return out.total, out.ce, out.kd, out.tokens.float(), metrics, aux

@@ -20,9 +20,10 @@ from typing import Optional
 
 import torch
 
-from . import checkpoint, data, engines, guards, lora, models, teacher_cache, vocab
+from . import checkpoint, data, engines, guards, lora, models, teacher_cache, teachers, vocab
 from .config import DistillConfig, to_dict, validate
 from .errors import ConfigError, DistillError, ModelError, NonFiniteError
+from .losses import LossSpec
 from .tracking import Tracker
 from . import evaluate, report, tasks
 
@@ -45,15 +46,20 @@ class Run:
     world_size: int
     tokenizer: object
     student_engine: object
-    teacher_engine: Optional[object]
+    teacher: teachers.TeacherSource  # what train_step asks for the teacher's side of each micro-batch
     stream: data.MicroBatchStream
     eval_dataset: Optional[object]
-    loss_kwargs: dict
+    loss: LossSpec  # the loss settings (also held by the student wrapper, which computes the loss)
     state: checkpoint.ResumeState
     ckpt_root: str
     vocab_message: str = ""
     teacher_eval_cache: Optional[evaluate.TeacherCache] = None  # filled by the first eval, reused after
-    teacher_topk_cache: Optional[teacher_cache.TopKCache] = None  # teacher.cache: the offline teacher's top-k
+
+    @property
+    def teacher_engine(self):
+        """The teacher model's engine when the teacher is a model on these ranks (held-out evaluation and the
+        start-up probe run it), else None."""
+        return self.teacher.engine if isinstance(self.teacher, teachers.EngineTeacher) else None
 
 
 # What a run writes (and overwrite_output_dir removes).
@@ -322,17 +328,23 @@ def build(cfg: DistillConfig) -> Run:
         topk_cache.check_vocab_size(vocab_size)
         vocab_message += "\n" + topk_cache.describe()
 
+    if topk_cache is not None:
+        source = teachers.CachedTeacher(topk_cache)
+    elif teacher_engine is not None:
+        source = teachers.EngineTeacher(teacher_engine, sharding)
+    else:
+        source = teachers.NoTeacher()
     L = cfg.loss
-    loss_kwargs = dict(vocab_size=vocab_size, alpha=L.alpha, temperature=L.temperature, divergence=L.divergence,
-                       beta=L.beta, skew_lambda=L.skew_lambda, impl=L.impl, chunk_size=L.chunk_size, top_k=L.top_k,
-                       layout=L.layout)
+    loss_spec = LossSpec(vocab_size=vocab_size, alpha=L.alpha, temperature=L.temperature, divergence=L.divergence,
+                         beta=L.beta, skew_lambda=L.skew_lambda, impl=L.impl, chunk_size=L.chunk_size,
+                         top_k=L.top_k, layout=L.layout, teacher_transform=source.transform)
     wrapper_s = student_engine.module
+    wrapper_s.loss_spec = loss_spec
     vocab_message += (f"\nstudent head: {_model_type(student)} ({wrapper_s.transform.describe()}"
                       + (", bias" if wrapper_s.head.bias is not None else "") + ")"
                       + (f"; MoE router aux loss x {wrapper_s.aux_coef:g}" if wrapper_s.moe_aux is not None else ""))
     if teacher_engine is not None:
         t_head = teacher_engine.module.head
-        loss_kwargs["teacher_transform"] = t_head.transform
         vocab_message += (f"\nteacher head: {_model_type(teacher_engine.module.model)} ({t_head.transform.describe()}"
                           + (", bias" if t_head.bias is not None else "") + ")")
 
@@ -370,8 +382,8 @@ def build(cfg: DistillConfig) -> Run:
     state.extra["run"] = run_identity(cfg)
     state.extra["schedule"] = schedule_settings(cfg)
     run = Run(cfg=cfg, rank=rank, world_size=world, tokenizer=tokenizer, student_engine=student_engine,
-              teacher_engine=teacher_engine, stream=stream, eval_dataset=eval_ds, loss_kwargs=loss_kwargs,
-              state=state, ckpt_root=ckpt_root, vocab_message=vocab_message, teacher_topk_cache=topk_cache)
+              teacher=source, stream=stream, eval_dataset=eval_ds, loss=loss_spec, state=state,
+              ckpt_root=ckpt_root, vocab_message=vocab_message)
     if resume_from:
         run.vocab_message += f"\nresumed from {resume_from} at step {state.step}"
     for m in notices:
@@ -395,7 +407,7 @@ def probe_heads(run: Run, mb: dict) -> dict:
     dev = engines.device()
     ids = mb["input_ids"][:1, :PROBE_POSITIONS].to(dev)
     mask = mb["attention_mask"][:1, :PROBE_POSITIONS].to(dev)
-    V = run.loss_kwargs["vocab_size"]
+    V = run.loss.vocab_size
 
     def rel_diff(own, fused):  # [B, S, V] each: the largest difference over the real vocabulary and trained tokens
         own, fused = own[..., :V].float(), fused[..., :V].float()
@@ -408,7 +420,7 @@ def probe_heads(run: Run, mb: dict) -> dict:
     eng.eval()  # no dropout: the probe must neither change nor consume any RNG
     try:
         with torch.no_grad():
-            own, fused = eng(ids, mask, None, None, probe=True)
+            own, fused = eng(ids, mask, probe=True)
             diffs = [rel_diff(own, fused)]
             if teacher is not None:
                 own_t, hidden_t = teacher(ids, mask, probe=True)
@@ -437,13 +449,13 @@ def probe_heads(run: Run, mb: dict) -> dict:
     return out
 
 
-def host_prepare(mb: dict, vocab_size: int, topk: Optional[tuple] = None) -> tuple[dict, int, int]:
+def host_prepare(mb: dict, vocab_size: int) -> tuple[dict, int, int]:
     """Host side of a micro-batch, before it is copied to the device: everything that reads values (not only
     shapes) is done here, where reading a tensor costs no device synchronisation.
 
     Returns (the micro-batch with `keep` [n]: flat indices of the trained positions of labels[:, 1:], what the loss
-    reads; trained tokens n; attended tokens). Checks the labels and a cached top-k's ids against the vocabulary,
-    which the loss then does not re-check on the device.
+    reads; trained tokens n; attended tokens). Checks the labels against the vocabulary, which the loss then does
+    not re-check on the device (the teacher source checks its own host data: teachers.py).
     """
     targets = mb["labels"][:, 1:].reshape(-1)  # [B*(S-1)]
     keep = (targets != models.IGNORE_INDEX).nonzero().squeeze(1)
@@ -452,9 +464,6 @@ def host_prepare(mb: dict, vocab_size: int, topk: Optional[tuple] = None) -> tup
         raise data.DataError(f"data: label ids in [{int(lab.min())}, {int(lab.max())}] outside the vocabulary of "
                              f"{vocab_size} tokens (sample ids {mb['sample_ids'].tolist()}) -> the tokenizer and "
                              "the models disagree: check tokenizer_path")
-    if topk is not None and topk[0].numel() and (int(topk[0].min()) < 0 or int(topk[0].max()) >= vocab_size):
-        raise data.DataError(f"teacher.cache: top-k ids outside [0, {vocab_size}) -> rebuild the cache with this "
-                             "run's teacher and tokenizer")
     return {**mb, "keep": keep}, int(keep.numel()), int(mb["attention_mask"].sum())
 
 
@@ -482,13 +491,10 @@ def train_step(run: Run, micro_batches: list[dict], before_step=None,
     (the step's sums and this rank's peak memory, all-reduced together). The token counts are known on the host
     before any copy; the normaliser stays a device tensor. tests/test_gpu_readiness.py counts them.
     """
-    eng, teacher = run.student_engine, run.teacher_engine
+    eng = run.student_engine
     dev = engines.device()
-    topks = []
-    if run.teacher_topk_cache is not None:  # rows by sample id, aligned with labels[:, 1:]: [B, S-1, k] each
-        topks = [run.teacher_topk_cache.batch(mb["sample_ids"], mb["attention_mask"]) for mb in micro_batches]
-    prepared = [host_prepare(mb, run.loss_kwargs["vocab_size"], topks[i] if topks else None)
-                for i, mb in enumerate(micro_batches)]
+    payloads = run.teacher.host_side(micro_batches, run.loss.vocab_size)  # the teacher's host work (teachers.py)
+    prepared = [host_prepare(mb, run.loss.vocab_size) for mb in micro_batches]
     micro_batches = [p[0] for p in prepared]
     # Global number of trained tokens of this step, known before any forward: the single normaliser.
     local_tokens, local_seq_tokens = sum(p[1] for p in prepared), sum(p[2] for p in prepared)
@@ -501,24 +507,14 @@ def train_step(run: Run, micro_batches: list[dict], before_step=None,
     # an MoE student's router aux loss is a per-forward mean (as in its HF forward): each micro-batch's gets weight
     # coef / (micro-batches x ranks) in the step's objective; DeepSpeed's average over ranks supplies the 1 / ranks
     aux_weight = eng.module.aux_coef / len(micro_batches)
-    for i, mb in enumerate(micro_batches):
-        teacher_topk = None
-        if topks:
-            teacher_topk = tuple(_to_device({"ids": topks[i][0], "lps": topks[i][1]}, dev).values())
+    for mb, payload in zip(micro_batches, payloads):
         mb = _to_device(mb, dev)
-        position_ids = mb.get("position_ids")  # packed rows: no attention_mask, positions restart per sample
-        attention_mask = mb["attention_mask"] if position_ids is None else None
-        teacher_hidden, t_head = None, None
-        if teacher is not None:
-            with torch.no_grad():
-                teacher_hidden = teacher(mb["input_ids"], attention_mask, position_ids)  # [B, S, Ht]
-            t_head = teacher.module.head
-        with engines.gathered(t_head.params() if t_head is not None else []):
+        # packed rows: no attention_mask for the models, positions restart per sample (data.collate_packed)
+        mb["model_mask"] = mb["attention_mask"] if mb.get("position_ids") is None else None
+        with run.teacher.side(mb, payload, dev) as teacher_kwargs:
             total, ce, kd, tokens, metrics, aux = eng(
-                mb["input_ids"], attention_mask, mb["labels"], run.loss_kwargs, teacher_hidden=teacher_hidden,
-                teacher_weight=t_head.weight if t_head is not None else None,
-                teacher_bias=t_head.bias if t_head is not None else None, teacher_topk=teacher_topk,
-                keep=mb["keep"], position_ids=position_ids, token_mask=mb["attention_mask"])
+                mb["input_ids"], mb["model_mask"], mb["labels"], keep=mb["keep"],
+                position_ids=mb.get("position_ids"), token_mask=mb["attention_mask"], **teacher_kwargs)
         one = torch.ones((), dtype=total.dtype, device=dev)
         sums += torch.cat([torch.stack([total.detach(), ce, kd, tokens, aux.detach().to(total.dtype), one]).double(),
                            metrics.double()])
@@ -648,11 +644,11 @@ def run_eval(run: Run) -> Optional[dict]:
     eng.eval()
     try:
         return evaluate.evaluate(
-            batches, student_hidden_fn=lambda ids, mask: eng(ids, mask, None, None, hidden_only=True),
+            batches, student_hidden_fn=lambda ids, mask: eng(ids, mask, hidden_only=True),
             student_head=eng.module.head,
             teacher_hidden_fn=(lambda ids, mask: teacher(ids, mask)) if teacher is not None else None,
             teacher_head=teacher.module.head if teacher is not None else None,
-            teacher_cache=run.teacher_eval_cache, vocab_size=run.loss_kwargs["vocab_size"],
+            teacher_cache=run.teacher_eval_cache, vocab_size=run.loss.vocab_size,
             chunk_size=cfg.loss.chunk_size, device=engines.device(), gather=engines.gathered,
             all_reduce=engines.all_reduce_sum)
     finally:

@@ -203,12 +203,12 @@ def test_fully_masked_micro_batch_forwards_and_backwards_through_every_parameter
     from ds_distill.models import StudentWithLoss
 
     student = AutoModelForCausalLM.from_pretrained(tiny_assets["student"], dtype=torch.float32)
-    wrapper = StudentWithLoss(student)
+    from ds_distill.losses import LossSpec
+
+    wrapper = StudentWithLoss(student, loss_spec=LossSpec(vocab_size=1000, alpha=0.0, chunk_size=16, top_k=8))
     ids = torch.randint(3, 900, (2, 9))
     labels = torch.full_like(ids, -100)
-    kwargs = dict(vocab_size=1000, alpha=0.0, temperature=1.0, divergence="forward_kl", beta=0.5, skew_lambda=0.1,
-                  impl="chunked", chunk_size=16, top_k=8)
-    total, ce, kd, tokens, _, aux = wrapper(ids, torch.ones_like(ids), labels, kwargs)
+    total, ce, kd, tokens, _, aux = wrapper(ids, torch.ones_like(ids), labels)
     assert tokens.item() == 0 and total.item() == 0.0 and math.isfinite(ce.item())
     assert aux.item() == 0.0  # a dense student has no router aux loss
     total.backward()

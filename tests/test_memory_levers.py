@@ -70,7 +70,7 @@ def _drive(config_path: str) -> None:
                "teacher_offload_param": hasattr(teacher, "zero_offload_param") and str(
                    getattr(teacher.zero_offload_param(), "device", "none")).endswith("cpu"),
                "teacher_partitioned": any(engines.is_partitioned(p) for p in teacher.module.parameters()),
-               "loss_layout": run.loss_kwargs["layout"], "steps": []}
+               "loss_layout": run.loss.layout, "steps": []}
         out = cfg.output_dir
         grads = {}
 

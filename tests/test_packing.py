@@ -87,13 +87,13 @@ def test_packed_samples_have_their_unpacked_hidden_states_and_losses(tiny_assets
         for a, b in zip(per["p"][:3], per["u"][:3]):
             assert abs(a - b) <= 1e-5 * max(abs(b), 1.0), (per["p"], per["u"])
     # the whole micro-batch through the student wrapper (what the trainer calls): the same sums
-    wrapper = models.StudentWithLoss(student)
+    wrapper = models.StudentWithLoss(student, loss_spec=losses.LossSpec(**kw))
     with torch.no_grad():
         th_u = models.TeacherHidden(teacher)(unpacked["input_ids"], unpacked["attention_mask"])
         th_p = models.TeacherHidden(teacher)(packed["input_ids"], None, packed["position_ids"])
-        su = wrapper(unpacked["input_ids"], unpacked["attention_mask"], unpacked["labels"], kw, teacher_hidden=th_u,
+        su = wrapper(unpacked["input_ids"], unpacked["attention_mask"], unpacked["labels"], teacher_hidden=th_u,
                      teacher_weight=tw)
-        sp = wrapper(packed["input_ids"], None, packed["labels"], kw, teacher_hidden=th_p, teacher_weight=tw,
+        sp = wrapper(packed["input_ids"], None, packed["labels"], teacher_hidden=th_p, teacher_weight=tw,
                      position_ids=packed["position_ids"])
     assert float(su[3]) == float(sp[3])
     for a, b in zip(sp[:3], su[:3]):

@@ -45,7 +45,7 @@ def main():
                     flat[f"r{r}.m{i}.{k}"] = v.contiguous()
         save_file(flat, os.path.join(out, "batches.safetensors"))
         with open(os.path.join(out, "sums.json"), "w") as f:
-            json.dump({**sums, "vocab_size": run.loss_kwargs["vocab_size"]}, f)
+            json.dump({**sums, "vocab_size": run.loss.vocab_size}, f)
     engines.shutdown()
 
 
