@@ -204,8 +204,6 @@ def _compiled_loss_row(kw: dict, h_s, w_s, h_t, w_t, lab, dev: str, eager_secs: 
     """The same loss with loss.compile (torch.compile of the slab math): its compile time (the first call), its time
     against the eager path's, and its difference to the eager result and to the fp64 reference. A compiler failure
     is recorded, not raised (the section's other numbers stay)."""
-    import torch
-
     from ds_distill.losses import CompiledLossError, distill_loss
 
     def fused():
@@ -272,7 +270,8 @@ def _config(p: dict, assets: dict, out_dir: Path, sharding: str, steps: int) -> 
                        "sharding": sharding},
            "student": {"path": assets["student"]}, "tokenizer_path": assets["tokenizer"],
            "data": {"train_files": [assets["train"]], "format": "text", "max_length": p["seq"], "packing": True},
-           "loss": {"alpha": 0.5, "temperature": 1.0, "impl": "chunked", "chunk_size": p["chunk"]},
+           # compile: true = auto's choice on GPUs; on CPU (--tiny) it runs the trainer's compiled path end to end
+           "loss": {"alpha": 0.5, "temperature": 1.0, "impl": "chunked", "chunk_size": p["chunk"], "compile": True},
            "train": {"micro_batch_size": p["micro_batch"], "grad_accum_steps": p["accum"], "max_steps": steps,
                      "zero_stage": 3, "lr": 1e-4, "warmup_steps": 0},
            "checkpoint": {"resume": "never"}, "eval": {"generations": 0}, "output_dir": str(out_dir),
@@ -328,7 +327,8 @@ def section_train(p: dict, assets: dict, work: Path, dev: str, peak_tflops: floa
     n_t = sum(x.ds_numel if hasattr(x, "ds_numel") else x.numel() for x in run.teacher_engine.module.parameters())
     out = {"sharding": sharding, "steps": steps, "losses": [r["loss/total"] for r in rows],
            "data_fill": [r["data/fill"] for r in rows], "tokens_per_sec": tps, "step_seconds": secs,
-           "student_params": n_s, "teacher_params": n_t, "peak_memory_gib": max(r["mem/peak_gb"] for r in rows)}
+           "student_params": n_s, "teacher_params": n_t, "peak_memory_gib": max(r["mem/peak_gb"] for r in rows),
+           "loss_compiled": bool(run.loss_kwargs.get("compiled"))}
     if dev == "cuda":
         out["mfu"] = tps * (6 * n_s + 2 * n_t) / (peak_tflops * 1e12)
     if full:
