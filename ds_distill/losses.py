@@ -46,6 +46,9 @@ Implementations (``impl=``)
   Working memory: two [c, V] fp32 buffers (plus a bf16 copy of one for bf16 matmuls), six [8, V] temporaries
   (CPU; [128, V] on GPU), the lm_head gradient [V_rows, H] (fp32 accumulator when bf16 and more than one chunk)
   and the hidden gradient [N, H]. No tensor larger than c x V exists.
+  ``compiled=True`` runs each dense slab's element-wise part (softcaps, statistics, divergence, logit gradient) as
+  one torch.compile'd function (`compiled_slabs`, `_dense_slab_math`: the eager formulas written out of place)
+  instead of `_dense_slab`'s in-place ops; the eager path stays the reference (tests/test_compiled_loss.py).
 - ``topk``: the teacher keeps its top ``top_k`` tokens per position, computed chunked from the teacher hidden states
   (the teacher's [c, V] logits exist one chunk at a time) or read from an offline cache (``teacher_topk``: ids and
   full-vocabulary-normalised log-probs at the loss temperature T, then the teacher needs no logits at all).
