@@ -12,7 +12,9 @@ lm_heads padded to 151,936 rows). Sections, each written to OUT/gpu_check.json a
 2. loss: the fused chunked loss (forward + backward) at N tokens in bf16 (fp32 on CPU) against an fp64 reference
    (relative error of the loss, max error of the hidden-state gradient relative to its largest element), and its
    time against its own GEMMs alone and against Liger's fused JSD when liger-kernel is installed; at the real
-   vocabulary width (151,669: the odd width the loss slices to today) and at the padded width (151,936).
+   vocabulary width (151,669: the odd width the loss slices to today) and at the padded width (151,936); and the
+   same with loss.compile (the slab math through torch.compile): compile time, time against the eager loss,
+   difference to the eager loss and to the fp64 reference.
 3. train: `steps` real training steps through trainer.build (ZeRO-3, 1 rank, KD at alpha 0.5): tokens/s, MFU
    (6 N_student + 2 N_teacher FLOPs per token against --peak_tflops), the project's host synchronisations per step
    (counted as in tests/test_gpu_readiness.py), a checkpoint and the HF export (seconds; the exported weights'
@@ -177,6 +179,7 @@ def section_loss(p: dict, vocab: int, dev: str) -> dict:
         g_secs = min(_timed(gemms, dev) for _ in range(3))
         row = {"vocab": width, "seconds": secs, "gemm_seconds": g_secs, "ratio_to_gemms": secs / g_secs,
                "rel_err_loss_vs_fp64": rel_loss, "rel_err_grad_vs_fp64": rel_grad, "loss": float(loss)}
+        row.update(_compiled_loss_row(kw, h_s, w_s, h_t, w_t, lab, dev, secs, loss, grad, ref, g64, m))
         try:
             from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
 
@@ -194,6 +197,37 @@ def section_loss(p: dict, vocab: int, dev: str) -> dict:
             row["liger_seconds"] = None  # liger-kernel not installed
         out[width_name] = row
     return out
+
+
+def _compiled_loss_row(kw: dict, h_s, w_s, h_t, w_t, lab, dev: str, eager_secs: float, eager_loss, eager_grad,
+                       ref, g64, m: int) -> dict:
+    """The same loss with loss.compile (torch.compile of the slab math): its compile time (the first call), its time
+    against the eager path's, and its difference to the eager result and to the fp64 reference. A compiler failure
+    is recorded, not raised (the section's other numbers stay)."""
+    from ds_distill.losses import CompiledLossError, distill_loss
+
+    def fused():
+        hh = h_s.clone().requires_grad_(True)
+        loss = distill_loss(hh, w_s, lab, teacher_hidden=h_t, teacher_weight=w_t, compiled=True, **kw).total
+        loss.backward()
+        return loss.detach(), hh.grad
+
+    try:
+        first = _timed(fused, dev)  # compiles (dynamic shapes: the second width reuses it)
+        loss, grad = fused()
+        secs = min(_timed(fused, dev) for _ in range(3))
+        hm = h_s[:m].clone().requires_grad_(True)
+        sub = distill_loss(hm, w_s, lab[:m], teacher_hidden=h_t[:m], teacher_weight=w_t, compiled=True, **kw).total
+        sub.backward()
+    except CompiledLossError as e:
+        return {"compiled_error": str(e)[:1000]}
+    g_e = eager_grad.double()
+    return {"compiled_first_call_seconds": first, "compiled_seconds": secs,
+            "ratio_compiled_to_eager": secs / eager_secs,
+            "compiled_rel_diff_loss_vs_eager": abs(float(loss) - float(eager_loss)) / abs(float(eager_loss)),
+            "compiled_rel_diff_grad_vs_eager": float((grad.double() - g_e).abs().max() / g_e.abs().max()),
+            "compiled_rel_err_loss_vs_fp64": abs(float(sub) - float(ref)) / abs(float(ref)),
+            "compiled_rel_err_grad_vs_fp64": float((hm.grad.double().cpu() - g64).abs().max() / g64.abs().max())}
 
 
 SYNC_FUNCS = {"item", "tolist", "nonzero", "__bool__", "__int__", "__float__", "__index__", "numpy", "cpu",
@@ -236,7 +270,8 @@ def _config(p: dict, assets: dict, out_dir: Path, sharding: str, steps: int) -> 
                        "sharding": sharding},
            "student": {"path": assets["student"]}, "tokenizer_path": assets["tokenizer"],
            "data": {"train_files": [assets["train"]], "format": "text", "max_length": p["seq"], "packing": True},
-           "loss": {"alpha": 0.5, "temperature": 1.0, "impl": "chunked", "chunk_size": p["chunk"]},
+           # compile: true = auto's choice on GPUs; on CPU (--tiny) it runs the trainer's compiled path end to end
+           "loss": {"alpha": 0.5, "temperature": 1.0, "impl": "chunked", "chunk_size": p["chunk"], "compile": True},
            "train": {"micro_batch_size": p["micro_batch"], "grad_accum_steps": p["accum"], "max_steps": steps,
                      "zero_stage": 3, "lr": 1e-4, "warmup_steps": 0},
            "checkpoint": {"resume": "never"}, "eval": {"generations": 0}, "output_dir": str(out_dir),
@@ -292,7 +327,8 @@ def section_train(p: dict, assets: dict, work: Path, dev: str, peak_tflops: floa
     n_t = sum(x.ds_numel if hasattr(x, "ds_numel") else x.numel() for x in run.teacher_engine.module.parameters())
     out = {"sharding": sharding, "steps": steps, "losses": [r["loss/total"] for r in rows],
            "data_fill": [r["data/fill"] for r in rows], "tokens_per_sec": tps, "step_seconds": secs,
-           "student_params": n_s, "teacher_params": n_t, "peak_memory_gib": max(r["mem/peak_gb"] for r in rows)}
+           "student_params": n_s, "teacher_params": n_t, "peak_memory_gib": max(r["mem/peak_gb"] for r in rows),
+           "loss_compiled": bool(run.loss_kwargs.get("compiled"))}
     if dev == "cuda":
         out["mfu"] = tps * (6 * n_s + 2 * n_t) / (peak_tflops * 1e12)
     if full:

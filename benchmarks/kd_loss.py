@@ -21,6 +21,10 @@ Methods:
   topk        ds_distill impl=topk, teacher top-64 computed online from its hidden states
   topk_cache  ds_distill impl=topk with an offline cache (ids + log-probs): no teacher matmul at all
   chunked_jsd ds_distill impl=chunked, generalised JSD beta = 0.5 (the same loss as Liger's below)
+  chunked_compiled, chunked_jsd_compiled
+              the same with loss.compile (the element-wise slab math through torch.compile); one untimed warm-up
+              call on 64 rows compiles it first (dynamic shapes: the timed step reuses it), its time is `warmup_s`.
+              The report's "x eager" column is the ratio to the eager method of the same name, N and chunk size.
   liger       liger_kernel LigerFusedLinearJSDLoss (beta 0.5, torch.compile; one warm-up call compiles it first)
   matmul      the loss's own GEMMs alone, chunked like `chunked`: teacher + student logits, grad hidden, grad weight
               (in the chunk layout the loss uses, --layout / losses.chunk_layout, so the ratio to it is the
@@ -44,9 +48,10 @@ import time
 V, HS, HT = 151936, 1024, 2560
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_PLAN = {  # N -> methods; about 20 minutes on the 2-core CPU box
-    1024: ["matmul", "naive", "seed_topk", "full", "chunked", "topk", "chunked_jsd", "liger"],
-    4096: ["matmul", "matmul@96", "naive", "seed_topk", "chunked", "chunked@96", "topk", "topk@96", "topk_cache",
-           "liger"],
+    1024: ["matmul", "naive", "seed_topk", "full", "chunked", "chunked_compiled", "topk", "chunked_jsd",
+           "chunked_jsd_compiled", "liger"],
+    4096: ["matmul", "matmul@96", "naive", "seed_topk", "chunked", "chunked_compiled", "chunked@96", "topk",
+           "topk@96", "topk_cache", "liger"],
     8192: ["matmul@96", "chunked@96"],
 }
 NAIVE_LIKE = ("naive", "seed_topk", "full")
@@ -139,6 +144,16 @@ def worker(method: str, n: int, chunk_size: int, top_k: int, device: str = "cpu"
         liger(hs[:m].detach().requires_grad_(True), ws, ht[:m], wt, labels[:m]).backward()
         ws.grad = None
         extra["warmup_s"] = time.perf_counter() - t0
+    compiled = method.endswith("_compiled")
+    method_base = method.removesuffix("_compiled")
+    if compiled:  # warm-up: compiles the slab function (dynamic shapes: every slab and chunk size reuses it)
+        t0 = time.perf_counter()
+        m = min(n, 64)
+        div = "jsd" if method_base == "chunked_jsd" else "forward_kl"
+        distill_loss(hs[:m].detach().requires_grad_(True), ws, labels[:m], teacher_hidden=ht[:m], teacher_weight=wt,
+                     impl="chunked", divergence=div, beta=0.5, compiled=True, **kw).total.backward()
+        ws.grad = None
+        extra["warmup_s"] = time.perf_counter() - t0
     naive, seed_topk = _seed_losses()
 
     def step():
@@ -182,10 +197,10 @@ def worker(method: str, n: int, chunk_size: int, top_k: int, device: str = "cpu"
         if method == "topk_cache":
             out = distill_loss(hs, ws, labels, impl="topk", teacher_topk=extra["teacher_topk"], **kw)
         else:
-            impl = {"chunked_jsd": "chunked"}.get(method, method)
-            div = "jsd" if method == "chunked_jsd" else "forward_kl"
+            impl = {"chunked_jsd": "chunked"}.get(method_base, method_base)
+            div = "jsd" if method_base == "chunked_jsd" else "forward_kl"
             out = distill_loss(hs, ws, labels, teacher_hidden=ht, teacher_weight=wt, impl=impl, divergence=div,
-                               beta=0.5, **kw)
+                               beta=0.5, compiled=compiled, **kw)
         (out.total / n).backward()
         return out.total / n
 
@@ -278,12 +293,12 @@ def report(results: list[dict]) -> str:
                    if r.get("method", "").split("@")[0] == "matmul" and "seconds" in r}
     gpu = any("device" in r for r in results)
     lines = ["| N | method | wall s | CPU s | x naive wall | x matmul-only wall (CPU) | x 2 lm_head GEMMs wall |"
-             " peak MB above inputs | x naive peak | peak minus the lm_head grad | load avg before |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             " x eager wall (CPU) | peak MB above inputs | x naive peak | peak minus the lm_head grad | load avg before |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     grad_mb = V * HS * (2 if gpu else 4) / 2**20
     for r in results:
         if "seconds" not in r:
-            lines.append(f"| {r['n']} | {r['method']} | - | - | - | - | - | - | - | - | {r['skipped']} |")
+            lines.append(f"| {r['n']} | {r['method']} | - | - | - | - | - | - | - | - | - | {r['skipped']} |")
             continue
         naive = base.get((r["n"], "naive"))
         mm = mm_by_chunk.get((r["n"], r["chunk_size"]), base.get((r["n"], "matmul")))
@@ -292,8 +307,12 @@ def report(results: list[dict]) -> str:
         tm = f"{r['seconds'] / mm['seconds']:.2f} ({r['cpu_seconds'] / mm['cpu_seconds']:.2f})" if mm else "-"
         t2 = f"{r['seconds'] / mm2['seconds']:.2f}" if mm2 else "-"
         pn = f"1/{naive['peak_mb'] / max(r['peak_mb'], 1):.1f}" if naive else "-"
+        name, _, chunk = r["method"].partition("@")
+        eager = base.get((r["n"], name.removesuffix("_compiled") + ("@" + chunk if chunk else "")))
+        te = (f"{r['seconds'] / eager['seconds']:.2f} ({r['cpu_seconds'] / eager['cpu_seconds']:.2f})"
+              if eager and name.endswith("_compiled") else "-")
         lines.append(f"| {r['n']} | {r['method']} | {r['seconds']:.4g} | {r['cpu_seconds']:.4g} | {tn} | {tm} | {t2} |"
-                     f" {r['peak_mb']} | {pn} | {r['peak_mb'] - grad_mb:.0f} | {r.get('load_before', '-')} |")
+                     f" {te} | {r['peak_mb']} | {pn} | {r['peak_mb'] - grad_mb:.0f} | {r.get('load_before', '-')} |")
     lines.append("")
     for n, f in sorted(flops.items()):
         mm = base.get((n, "matmul"))

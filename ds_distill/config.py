@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 from .errors import ConfigError
 
@@ -122,6 +122,14 @@ class LossConfig:
     ([V, chunk] = lm_head @ hidden^T, CPU only useful) runs the logits GEMMs faster on some CPUs and avoids MKL's
     chunk-sized GEMM buffer at chunk_size <= 128, at the price of transposing copies in the element-wise part:
     measure with benchmarks/kd_loss.py --layout (docs/BENCHMARKS.md)."""
+    compile: Union[Literal["auto"], bool] = "auto"
+    """Run the element-wise part of loss.impl = chunked (softmaxes, divergence, gradient, softcaps; ~15-45 passes
+    over each slab of [rows, V] in eager mode) as one torch.compile'd function per run: fused kernels, same results
+    (to fp32 rounding). on / off force it; auto = on for CUDA when Triton is installed, off on CPU (compiling takes
+    seconds to tens of seconds per process there). Values: auto, true / on, false / off (YAML reads on / off as
+    booleans). The start-up log says which path runs; compiling happens at start-up, where the compiled and eager
+    paths are compared on a small input, and a failing compiler stops the run (exit 2) naming this key. CE-only
+    training (alpha 0) and loss.impl = topk always run eager."""
     top_k: int = 64
     """Teacher tokens kept per position by loss.impl = topk."""
     beta: float = 0.5

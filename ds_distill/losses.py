@@ -46,6 +46,9 @@ Implementations (``impl=``)
   Working memory: two [c, V] fp32 buffers (plus a bf16 copy of one for bf16 matmuls), six [8, V] temporaries
   (CPU; [128, V] on GPU), the lm_head gradient [V_rows, H] (fp32 accumulator when bf16 and more than one chunk)
   and the hidden gradient [N, H]. No tensor larger than c x V exists.
+  ``compiled=True`` runs each dense slab's element-wise part (softcaps, statistics, divergence, logit gradient) as
+  one torch.compile'd function (`compiled_slabs`, `_dense_slab_math`: the eager formulas written out of place)
+  instead of `_dense_slab`'s in-place ops; the eager path stays the reference (tests/test_compiled_loss.py).
 - ``topk``: the teacher keeps its top ``top_k`` tokens per position, computed chunked from the teacher hidden states
   (the teacher's [c, V] logits exist one chunk at a time) or read from an offline cache (``teacher_topk``: ids and
   full-vocabulary-normalised log-probs at the loss temperature T, then the teacher needs no logits at all).
@@ -117,10 +120,23 @@ def chunk_layout(layout: str = "auto") -> str:
     return "token_major"
 
 
-def slab_temps(layout: str = "auto") -> int:
-    """[slab, V] fp32 temporaries the chunked passes allocate (the planner counts the same): six for the element-wise
-    math, plus, in vocab_major, the slab's student and teacher rows and a staging block for the transposing copies."""
-    return 9 if chunk_layout(layout) == "vocab_major" else 6
+# [slab, V] fp32 buffers the compiled slab function allocates per call: the most over every divergence and T,
+# softcapped (jsd and skew_reverse_kl at T != 1), in inductor's CPU code, counted by tests/test_compiled_loss.py;
+# the same as the eager path's six. Triton's code is not counted here (no GPU): gpu_check measures peak memory.
+COMPILED_SLAB_TEMPS = 6
+
+
+def _workspace_rows(layout: str, compiled: bool) -> int:
+    """[slab, V] fp32 rows preallocated per call: the eager math's six (none when compiled: inductor allocates its
+    own), plus, in vocab_major, the slab's student and teacher rows and a staging block for the transposing copies."""
+    return (0 if compiled else 6) + (3 if chunk_layout(layout) == "vocab_major" else 0)
+
+
+def slab_temps(layout: str = "auto", compiled: bool = False) -> int:
+    """[slab, V] fp32 temporaries the chunked passes hold at once (the planner counts the same): the preallocated
+    workspace plus, compiled, what the compiled function allocates inside (`COMPILED_SLAB_TEMPS`). A softcapped
+    student adds one more on the eager path (its derivative), counted by the caller."""
+    return _workspace_rows(layout, compiled) + (COMPILED_SLAB_TEMPS if compiled else 0)
 
 
 GEMM_WIDTH_MULTIPLE = 64
@@ -260,6 +276,12 @@ class _Opts:
     need_grad_bias: bool = False
     student_transform: HeadTransform = IDENTITY
     teacher_transform: HeadTransform = IDENTITY
+    compiled: bool = False  # dense slabs through torch.compile (`compiled_slabs`)
+
+    @property
+    def uses_compiled(self) -> bool:
+        """Whether this call's slabs run the compiled math: dense KD slabs only (CE-only and top-k stay eager)."""
+        return self.compiled and self.impl == "chunked" and self.alpha > 0
 
     @property
     def want_grad(self) -> bool:
@@ -310,6 +332,7 @@ def distill_loss(
     student_transform: HeadTransform = IDENTITY,
     teacher_transform: HeadTransform = IDENTITY,
     rows: Tensor | None = None,
+    compiled: bool = False,
 ) -> LossSums:
     """Distillation + CE loss sums for N positions (see the module docstring for every convention).
 
@@ -325,6 +348,8 @@ def distill_loss(
     gradient; plain heads (no bias, identity transform) take exactly the code path they took without them.
     `rows` [n]: the indices of the trained labels when the caller found them and checked the labels (and top-k
     ids) against the vocabulary on the host; the loss then reads no value on the device (no host synchronisation).
+    `compiled` (impl="chunked", alpha > 0): the element-wise part of each slab runs as one torch.compile'd function
+    (`compiled_slabs`) instead of the eager in-place ops; same math, same results to fp32 rounding.
     """
     if divergence not in DIVERGENCES:
         raise ValueError(f"divergence={divergence!r}: expected one of {DIVERGENCES}")
@@ -364,7 +389,7 @@ def distill_loss(
                  need_grad_weight=grad_on and student_weight.requires_grad,
                  layout=chunk_layout(layout),
                  need_grad_bias=grad_on and student_bias is not None and student_bias.requires_grad,
-                 student_transform=student_transform, teacher_transform=teacher_transform)
+                 student_transform=student_transform, teacher_transform=teacher_transform, compiled=bool(compiled))
     for name, b, w in (("student_bias", student_bias, student_weight), ("teacher_bias", teacher_bias, teacher_weight)):
         if b is not None and (w is None or b.dim() != 1 or b.shape[0] != w.shape[0]):
             raise ValueError(f"{name} must be [rows of its lm_head], got {tuple(b.shape)}")
@@ -494,8 +519,8 @@ class _FusedLinearDistill(torch.autograd.Function):
         vocab_major = o.layout == "vocab_major"
         # preallocated element-wise temporaries, reused by every slab (fresh [slab, V] allocations would page-fault
         # on every slab on CPU); vocab_major adds two for the slab's student and teacher rows
-        work = torch.empty(slab_temps(o.layout), min(slab, max(n, 1)), V, dtype=torch.float32,
-                           device=dev)
+        work = torch.empty(_workspace_rows(o.layout, o.uses_compiled), min(slab, max(n, 1)), V,
+                           dtype=torch.float32, device=dev)
         want_grad = o.want_grad
         has_t = o.alpha > 0 and t_hidden is not None
         s_scale, t_scale = o.student_transform.scale, o.teacher_transform.scale
@@ -505,7 +530,7 @@ class _FusedLinearDistill(torch.autograd.Function):
         grad_b = (torch.zeros(student_bias.shape, dtype=torch.float32, device=dev) if o.need_grad_bias else None)
         # d(softcap)/d(input) of a slab's student logits: one more [slab, V] temporary, only for softcapped students
         dwork = (torch.empty(min(slab, max(n, 1)), V, dtype=torch.float32, device=dev)
-                 if o.student_transform.softcap is not None and want_grad else None)
+                 if o.student_transform.softcap is not None and want_grad and not o.uses_compiled else None)
         for c0 in range(0, n, o.chunk_size):
             c1 = min(c0 + o.chunk_size, n)
             h_c = h[c0:c1] if s_scale == 1.0 else h[c0:c1] * s_scale  # [c, Hs]
@@ -595,18 +620,24 @@ def _chunk_slabs(s: Tensor, t: Tensor | None, ids: Tensor | None, lp: Tensor | N
     slab = work.shape[1]
     vocab_major = o.layout == "vocab_major"
     n = s.shape[1] if vocab_major else s.shape[0]
-    staging = work[8].view(-1) if vocab_major else None  # scratch for the transposing copies
+    staging = work[-1].view(-1) if vocab_major else None  # scratch for the transposing copies
+    fused = compiled_slabs(o) if o.uses_compiled else None
     for r0 in range(0, n, slab):
         r1 = min(r0 + slab, n)
         w = work[:, :r1 - r0]
         if vocab_major:  # two steps: [V, c] columns -> [V, r] block (streaming) -> [r, V] rows (in cache); on CPU
             # 2x faster than one strided gather
             block = staging[:s.shape[0] * (r1 - r0)].view(s.shape[0], r1 - r0)
-            s_r = w[6].copy_(block.copy_(s[:, r0:r1]).T)
-            t_r = w[7].copy_(block.copy_(t[:, r0:r1]).T) if t is not None else None
+            s_r = w[-3].copy_(block.copy_(s[:, r0:r1]).T)
+            t_r = w[-2].copy_(block.copy_(t[:, r0:r1]).T) if t is not None else None
         else:
             s_r = s[r0:r1]
             t_r = t[r0:r1] if t is not None else None
+        if fused is not None:  # softcaps, statistics and the gradient in one compiled function, in place in s_r
+            stats[:5] += fused(s_r, t_r, lab[r0:r1])
+            if vocab_major:
+                s[:, r0:r1].T.copy_(s_r)
+            continue
         d_r = None
         if o.student_transform.softcap is not None:
             d_r = dwork[:r1 - r0] if dwork is not None else None
@@ -761,6 +792,198 @@ def _dense_slab(s: Tensor, t: Tensor, lab: Tensor, o: _Opts, w: Tensor) -> Tenso
     out = torch.zeros(len(_STATS), dtype=torch.float64, device=s.device)
     out[0], out[1], out[2], out[3], out[4] = ce, d.sum(), agree, h_p.sum(), h_q.sum()
     return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The dense slab as one compiled function (impl = "chunked", compiled=True)
+# ----------------------------------------------------------------------------------------------------------------
+
+def _dense_slab_math(s: Tensor, t: Tensor, lab: Tensor, div: str, a: float, T: float, beta: float, lam: float,
+                     s_cap: float | None, t_cap: float | None) -> tuple[Tensor, Tensor]:
+    """`_dense_slab` (with the softcaps of `_chunk_slabs`) written out of place, for torch.compile: the same
+    formulas in the same order, so inductor's fused kernels round like the eager ops. s, t [r, V] raw fp32 logits
+    (any row stride); returns d(total)/d(s) [r, V] and the stats [ce, kd, agree, H(p), H(q)] (fp32). `div` is
+    canonical (`_canonical`); every float is a compile-time constant."""
+    c_kd = a * T
+    dcap = None
+    if s_cap is not None:  # softcap_: cap * tanh(s / cap), derivative 1 - tanh^2
+        th = torch.tanh(s / s_cap)
+        dcap = -(th * th) + 1.0
+        s = th * s_cap
+    if t_cap is not None:
+        t = torch.tanh(t / t_cap) * t_cap
+    lab_logit = s.gather(1, lab[:, None])
+    s_max = s.amax(1, keepdim=True)
+    t_max = t.amax(1, keepdim=True)
+    s = s - s_max
+    t = t - t_max
+    if T != 1.0:
+        s = s * (1.0 / T)
+        t = t * (1.0 / T)
+    agree = ((s + t).amax(1) == 0).sum()
+    e_s, e_t = torch.exp(s), torch.exp(t)
+    zq, zp = e_s.sum(1, keepdim=True), e_t.sum(1, keepdim=True)
+    log_zq, log_zp = zq.log(), zp.log()
+    h_q = log_zq.squeeze(1) - (e_s * s).sum(1) / zq.squeeze(1)
+    h_p = log_zp.squeeze(1) - (e_t * t).sum(1) / zp.squeeze(1)
+    if T == 1.0:
+        lse1, q1u, z1 = s_max + log_zq, e_s, zq
+    else:
+        q1u = torch.exp(s * T)
+        z1 = q1u.sum(1, keepdim=True)
+        lse1 = s_max + z1.log()
+    ce = (lse1 - lab_logit).sum()
+    if div == "forward_kl":
+        d = -h_p - (e_t * s).sum(1) / zp.squeeze(1) + log_zq.squeeze(1)
+        coef_q = c_kd / zq
+        if T == 1.0 and a < 1.0:
+            coef_q = coef_q + (1 - a) / zq
+            q1u = None
+        g = e_s * coef_q + e_t * (-c_kd / zp)
+    elif div == "reverse_kl":
+        lr = s - t
+        shift = log_zq - log_zp
+        d = (e_s * lr).sum(1) / zq.squeeze(1) - shift.squeeze(1)
+        g = ((lr - (shift + d[:, None])) * e_s) * (c_kd / zq)
+        if T == 1.0 and a < 1.0:
+            g = g + e_s * ((1 - a) / zq)
+            q1u = None
+    else:
+        q, p = e_s / zq, e_t / zp
+        if T == 1.0:
+            q1u, z1 = q, torch.ones_like(zq)
+        log_q, log_p = s - log_zq, t - log_zp
+        if div == "jsd":
+            log_m = torch.logaddexp(log_p + math.log(beta), log_q + math.log1p(-beta))
+            log_qm = -log_m + log_q
+            kl_qm = (q * log_qm).sum(1)
+            kl_pm = (p * ((log_p - log_q) + log_qm)).sum(1)
+            d = beta * kl_pm + (1 - beta) * kl_qm
+            g = ((log_qm - kl_qm[:, None]) * q) * (1 - beta)
+        elif div in ("skew_forward_kl", "skew_reverse_kl") and lam == 1.0:
+            d = torch.zeros_like(h_p)
+            g = torch.zeros_like(q)
+        elif div == "skew_forward_kl":
+            mix = (p * lam + q * (1 - lam)).clamp_min(_TINY)
+            d = -h_p - (p * torch.log(mix)).sum(1)
+            gq = ((mix.reciprocal() * p) * q) * (-(1 - lam))
+            g = gq + q * (-gq.sum(1, keepdim=True))
+        elif div == "skew_reverse_kl":
+            mix = (q * lam + p * (1 - lam)).clamp_min(_TINY)
+            log_m = torch.log(mix)
+            d = -h_q - (q * log_m).sum(1)
+            gq = ((((q / mix) * (-lam)) - log_m) + log_q) * q
+            g = gq + q * (-gq.sum(1, keepdim=True))
+        elif div == "tv":
+            diff = q - p
+            d = 0.5 * diff.abs().sum(1)
+            gq = (diff.sign() * q) * 0.5
+            g = gq + q * (-gq.sum(1, keepdim=True))
+        else:
+            raise ValueError(f"unknown divergence {div!r}")
+        g = g * c_kd
+    if a < 1.0:
+        if q1u is not None:
+            g = g + q1u * ((1 - a) / z1)
+        # the label's -(1 - a) as an element-wise select, which fuses (a scatter would be its own kernel)
+        col = torch.arange(g.shape[1], device=g.device)
+        g = g + torch.where(col[None, :] == lab[:, None], -(1 - a), 0.0)
+    if dcap is not None:
+        g = g * dcap
+    return g, torch.stack([ce, d.sum(), agree.to(ce.dtype), h_p.sum(), h_q.sum()])
+
+
+_COMPILED: dict = {}  # specialisation key -> compiled slab function
+# one cache entry per key (dynamic shapes: the rows, width and row stride of every slab share it); the same code
+# object serves every key, so the recompile limit is raised (and a hit fails loudly under fullgraph)
+_RECOMPILE_LIMIT = 64
+
+
+class CompiledLossError(RuntimeError):
+    """torch.compile could not build or run the compiled slab function on this machine."""
+
+
+def compiled_slabs(o: _Opts):
+    """The compiled dense slab function for `o`'s specialisation: fn(s [r, V], t [r, V], lab [r]) -> stats [5]
+    (fp32), writing d(total)/d(s) into s in place. Compiled once per (divergence, alpha, T, beta, lambda,
+    softcaps); with dynamic shapes, so slabs of any row count and logits of any width or row stride (the padded
+    GEMM width) reuse it. What it allocates per call: `COMPILED_SLAB_TEMPS` [r, V] fp32 buffers at most."""
+    div = _canonical(o.divergence, o.beta, o.skew_lambda)
+    key = (div, o.alpha, o.temperature, o.beta, o.skew_lambda, o.student_transform.softcap,
+           o.teacher_transform.softcap)
+    fn = _COMPILED.get(key)
+    if fn is None:
+        import torch._dynamo  # noqa: F401  (imported on first use: eager-only runs never load the compiler)
+        import torch._inductor.exc  # noqa: F401
+
+        def slab(s: Tensor, t: Tensor, lab: Tensor) -> Tensor:
+            g, stats = _dense_slab_math(s, t, lab, *key)
+            s.copy_(g)  # inductor stores the last fused kernel's output straight into s
+            return stats
+
+        compiled = torch.compile(slab, fullgraph=True, dynamic=True)
+
+        def fn(s: Tensor, t: Tensor, lab: Tensor) -> Tensor:
+            try:
+                with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT):
+                    return compiled(s, t, lab)
+            except (torch._dynamo.exc.TorchDynamoException, torch._inductor.exc.InductorError) as e:
+                raise CompiledLossError(
+                    f"the compiled loss (torch.compile of the element-wise slab math, on {s.device.type}) failed: "
+                    f"{type(e).__name__}: {str(e).strip()[:2000]}\n-> run the eager path instead (loss.compile: off; "
+                    "same results), or give torch.compile what it needs (a C++ compiler on CPU, Triton on GPUs)"
+                ) from e
+        _COMPILED[key] = fn
+    return fn
+
+
+COMPILE_SETTINGS = ("auto", "on", "off", True, False)
+
+
+def compile_choice(setting: str | bool, device_type: str) -> tuple[bool, str]:
+    """Whether the dense slabs run compiled (`compiled_slabs`), and why, for a loss.compile `setting` on
+    `device_type`. auto = on for CUDA devices when Triton (inductor's GPU code generator) imports, off on CPU:
+    compiling costs seconds to tens of seconds per process start there, which short CPU runs and the test suite's
+    many launches would pay, while it is the GPU where the unfused passes cost most (docs/BENCHMARKS.md)."""
+    if setting not in COMPILE_SETTINGS:
+        raise ValueError(f"compile={setting!r}: expected one of {COMPILE_SETTINGS}")
+    if setting != "auto":
+        on = setting in ("on", True)
+        return on, "on" if on else "off"
+    if device_type != "cuda":
+        return False, f"auto: off on {device_type}"
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False, "auto: off, triton is not installed (torch.compile needs it on GPUs)"
+    return True, "auto: on for cuda"
+
+
+def compiled_selfcheck(device: torch.device | str, **loss_kwargs) -> float:
+    """Compile the slab function for these loss settings and compare it with the eager path on small random inputs
+    on `device` (padded GEMM width, several slabs, the given head transforms); returns the largest relative
+    difference of the total and the hidden gradient. Raises CompiledLossError when compiling fails or the two
+    differ by more than 1e-5. The real run's slabs reuse what this compiled (dynamic shapes)."""
+    kw = {k: v for k, v in loss_kwargs.items() if k not in ("vocab_size", "chunk_size", "compiled")}
+    g = torch.Generator().manual_seed(0)
+    V, rows, n, hid = 200, 256, 24, 16
+    hs, ws = torch.randn(n, hid, generator=g), torch.randn(rows, hid, generator=g) * 0.5
+    ht, wt = torch.randn(n, hid, generator=g), torch.randn(rows, hid, generator=g) * 0.5
+    labels = torch.randint(0, V, (n,), generator=g)
+    out = []
+    for compiled in (False, True):
+        h = hs.to(device, copy=True).requires_grad_(True)
+        res = distill_loss(h, ws.to(device), labels.to(device), teacher_hidden=ht.to(device),
+                           teacher_weight=wt.to(device), vocab_size=V, chunk_size=16, compiled=compiled, **kw)
+        res.total.backward()
+        out.append((res.total.detach().double().cpu(), h.grad.double().cpu()))
+    (t0, g0), (t1, g1) = out
+    diff = max(float((t1 - t0).abs() / t0.abs().clamp_min(1e-30)),
+               float((g1 - g0).abs().max() / g0.abs().max().clamp_min(1e-30)))
+    if not diff <= 1e-5:
+        raise CompiledLossError(f"the compiled loss differs from the eager one by {diff:.3g} (relative) on "
+                                f"{device}\n-> run the eager path (loss.compile: off) and report this")
+    return diff
 
 
 def _log_mix_into(log_x: Tensor, log_y: Tensor, w: float, out: Tensor, scratch: Tensor) -> Tensor:

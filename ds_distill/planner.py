@@ -289,7 +289,12 @@ def estimate(cfg, *, world_size: int, device: str = "gpu", student: Optional[Arc
     chunk = c * V * 4 * (2 if t is not None else 1) + (c * V * e if e != 4 else 0)
     from ds_distill.losses import slab_rows, slab_temps
 
-    slab, temps = min(slab_rows(device, V), c), slab_temps(cfg.loss.layout) + (1 if s.softcap else 0)
+    # compiled slabs (loss.compile) allocate their own temporaries, the softcap's derivative included
+    # (auto counts as on for GPUs, as if Triton were installed there)
+    compiled = cfg.loss.impl == "chunked" and (cfg.loss.compile in (True, "on")
+                                               or cfg.loss.compile == "auto" and device == "gpu")
+    slab = min(slab_rows(device, V), c)
+    temps = slab_temps(cfg.loss.layout, compiled) + (1 if s.softcap and not compiled else 0)
     ph.append(Item("loss chunk buffers", chunk + temps * slab * V * 4,
                    note=f"{'2' if t is not None else '1'} x {c} x {V} fp32 + {temps} x {slab} x V"))
     if lora.rank == 0:

@@ -199,6 +199,28 @@ def teacher_sharding(cfg: DistillConfig, dtype: torch.dtype) -> str:
     return planner.auto_teacher_sharding(size, memory, offload_params=cfg.teacher.offload_params)
 
 
+def compiled_loss(cfg: DistillConfig, loss_kwargs: dict, device: torch.device) -> tuple[bool, str]:
+    """loss.compile resolved for this device: whether the chunked loss's slabs run compiled, and the start-up line
+    saying which path runs. When they do, they are compiled here and compared with the eager path on a small input
+    (losses.compiled_selfcheck), so a missing compiler stops the run now (exit 2), never mid-training."""
+    from .losses import CompiledLossError, compile_choice, compiled_selfcheck
+
+    L = cfg.loss
+    on, why = compile_choice(L.compile, device.type)
+    if on and (L.impl != "chunked" or L.alpha == 0):
+        return False, (f"loss element-wise part: eager (loss.compile: {L.compile}; only the chunked KD loss is "
+                       f"compiled, this run has loss.impl: {L.impl}, loss.alpha: {L.alpha})")
+    if not on:
+        return False, f"loss element-wise part: eager (loss.compile: {why})"
+    start = time.perf_counter()
+    try:
+        diff = compiled_selfcheck(device, **loss_kwargs)
+    except CompiledLossError as e:
+        raise DistillError(f"loss.compile: {L.compile}: {e}") from e
+    return True, (f"loss element-wise part: compiled with torch.compile (loss.compile: {why}; compiled and checked "
+                  f"against the eager path in {time.perf_counter() - start:.1f} s, relative difference {diff:.1e})")
+
+
 def build(cfg: DistillConfig) -> Run:
     engines.check_device(cfg.train.device)  # before the process group: a silent CPU fallback would pick gloo
     rank, world, _ = engines.init_distributed(guards.process_group_timeout(cfg.train.watchdog_timeout_s))
@@ -347,6 +369,11 @@ def build(cfg: DistillConfig) -> Run:
         t_head = teacher_engine.module.head
         vocab_message += (f"\nteacher head: {_model_type(teacher_engine.module.model)} ({t_head.transform.describe()}"
                           + (", bias" if t_head.bias is not None else "") + ")")
+
+    loss_kwargs["compiled"], compile_message = compiled_loss(
+        cfg, {**loss_kwargs, "student_transform": wrapper_s.transform}, engines.device())
+    if rank == 0:
+        print(f"[ds_distill] {compile_message}", flush=True)
 
     # --- the previous run's outputs go only now: every input has been checked and loaded
     if overwrite:

@@ -125,11 +125,13 @@ def test_family_matrix_moe_cache_and_probe(tiny_assets, tmp_path):
     # the Gemma-2 teacher's cache: top-k of the softcapped distribution, as its own forward gives it
     cache = teacher_cache.TopKCache(plan["cache_dir"])
     c_ids, c_lps = cache.sample_rows(0)
+    c_t = cache.manifest["temperature"]  # written at the run's loss.temperature
+    assert c_t == T
     teacher = AutoModelForCausalLM.from_pretrained(pairs["gemma2"][0], dtype=torch.float32).eval()
     with torch.no_grad():
-        own = F.log_softmax(teacher(input_ids=ids).logits[0, :-1].double(), -1)
+        own = F.log_softmax(teacher(input_ids=ids).logits[0, :-1].double() / c_t, -1)
         raw = F.log_softmax(teacher.get_decoder()(input_ids=ids).last_hidden_state[0, :-1].double()
-                            @ teacher.get_output_embeddings().weight.double().T, -1)
+                            @ teacher.get_output_embeddings().weight.double().T / c_t, -1)
     ref_lps, ref_ids = own.topk(8, dim=-1)
     assert torch.equal(c_ids.long(), ref_ids)
     torch.testing.assert_close(c_lps.double(), ref_lps, rtol=1e-4, atol=1e-4)
