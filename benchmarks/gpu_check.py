@@ -328,7 +328,7 @@ def section_train(p: dict, assets: dict, work: Path, dev: str, peak_tflops: floa
     out = {"sharding": sharding, "steps": steps, "losses": [r["loss/total"] for r in rows],
            "data_fill": [r["data/fill"] for r in rows], "tokens_per_sec": tps, "step_seconds": secs,
            "student_params": n_s, "teacher_params": n_t, "peak_memory_gib": max(r["mem/peak_gb"] for r in rows),
-           "loss_compiled": bool(run.loss_kwargs.get("compiled"))}
+           "loss_compiled": bool(run.loss.compiled)}
     if dev == "cuda":
         out["mfu"] = tps * (6 * n_s + 2 * n_t) / (peak_tflops * 1e12)
     if full:

@@ -304,6 +304,7 @@ class LossSpec:
     top_k: int = 64
     layout: str = "auto"
     teacher_transform: HeadTransform = IDENTITY
+    compiled: bool = False  # the dense slabs' element-wise part through torch.compile (loss.compile resolved)
 
     def kwargs(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}

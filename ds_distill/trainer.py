@@ -370,8 +370,9 @@ def build(cfg: DistillConfig) -> Run:
         vocab_message += (f"\nteacher head: {_model_type(teacher_engine.module.model)} ({t_head.transform.describe()}"
                           + (", bias" if t_head.bias is not None else "") + ")")
 
-    loss_kwargs["compiled"], compile_message = compiled_loss(
-        cfg, {**loss_kwargs, "student_transform": wrapper_s.transform}, engines.device())
+    compiled, compile_message = compiled_loss(
+        cfg, {**loss_spec.kwargs(), "student_transform": wrapper_s.transform}, engines.device())
+    loss_spec = wrapper_s.loss_spec = dataclasses.replace(loss_spec, compiled=compiled)
     if rank == 0:
         print(f"[ds_distill] {compile_message}", flush=True)
 
