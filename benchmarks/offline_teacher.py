@@ -131,7 +131,7 @@ def main(argv=None):
 
     torch.set_num_threads(args.threads)
     os.environ.setdefault("MASTER_PORT", "29731")
-    from ds_distill import engines, teacher_cache, trainer
+    from ds_distill import cache_writer, engines, trainer
     from ds_distill.config import parse_config
 
     TEACHER["layers"] = args.teacher_layers
@@ -161,7 +161,7 @@ def main(argv=None):
     shutil.rmtree(cache_dir, ignore_errors=True)  # always a fresh write: its time is measured (and the teacher may
     # differ from the last run's, which write_cache would rightly refuse)
     t0 = time.perf_counter()
-    manifest = teacher_cache.write_cache(online_cfg, str(cache_dir), top_k=args.top_k, dtype="fp16")
+    manifest = cache_writer.write_cache(online_cfg, str(cache_dir), top_k=args.top_k, dtype="fp16")
     cache_s = time.perf_counter() - t0
     cached_cfg = cfg("cached", {"cache": str(cache_dir)})
 

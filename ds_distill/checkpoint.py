@@ -33,13 +33,13 @@ import re
 import shutil
 import zipfile
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from . import engines, guards
+from . import engines
 from .errors import DistillError
 
 LATEST = "latest"
@@ -140,10 +140,13 @@ def _disk_error(path: str, ckpt_root: str, e: BaseException, where: str) -> Dist
         f"output_dir or point output_dir elsewhere; the partial checkpoint was removed and {kept}")
 
 
-def save(engine, ckpt_root: str, state: ResumeState, keep_last: int, rng: Optional[dict] = None) -> str:
+def save(engine, ckpt_root: str, state: ResumeState, keep_last: int, rng: Optional[dict] = None,
+         before_complete: Optional[Callable[[int, int], None]] = None) -> str:
     """Collective: write the checkpoint of `state.step` and make it `latest` once every rank's files are on disk.
 
     `rng`: the RNG states to store (default: now). A checkpoint that already exists COMPLETE is never rewritten.
+    `before_complete(step, rank)`: called once this rank's files are written, before the step is marked COMPLETE
+    (the trainer passes its fault hook there).
     """
     tag = tag_for(state.step)
     rank = _rank()
@@ -178,7 +181,8 @@ def save(engine, ckpt_root: str, state: ResumeState, keep_last: int, rng: Option
         if not _is_write_failure(e):
             raise
         failed = e
-    guards.fault_in_checkpoint(state.step, rank)  # test hook: die after the shards, before COMPLETE
+    if before_complete is not None:
+        before_complete(state.step, rank)
     if _any_rank(failed is not None):  # every rank's files are on disk only if no rank failed
         if rank == 0:
             shutil.rmtree(path, ignore_errors=True)

@@ -21,18 +21,13 @@
   notices within a second when the parent or, under `deepspeed`, the `deepspeed` command above launch.py ends (a
   SIGTERM to `deepspeed` ends it at once and launch.py keeps the ranks running). Every rank then saves a
   checkpoint at the next step boundary and exits, instead of training on with no one to stop it.
-- Fault hooks, for tests only: DS_DISTILL_TEST_FAULTS="kind@step[:rank],..." with kind one of kill (SIGKILL after
-  the step), sigterm (SIGTERM to itself at the start of the step), error (a DistillError on that rank alone at the
-  start of the step), stall (sleep forever at the start of the step),
-  ckpt_kill (SIGKILL inside the checkpoint of that step, after DeepSpeed wrote its files and before COMPLETE), nan
-  (the student's loss of that step becomes NaN on that rank). Without the variable they do nothing.
+- Test faults (a stall inside a step, a NaN loss...) live in faults.py, called by the trainer.
 """
 from __future__ import annotations
 
 import faulthandler
 import os
 import signal
-import sys
 import tempfile
 import threading
 import time
@@ -40,12 +35,10 @@ from typing import Callable, Optional
 
 import torch
 
-from .errors import ConfigError, DistillError, NonFiniteError
+from .errors import ConfigError, NonFiniteError
 
 EXIT_PREEMPTED = 143  # 128 + SIGTERM: a checkpoint was saved, run the same command again to resume
 EXIT_WATCHDOG = 3  # a rank made no progress for train.watchdog_timeout_s (stacks printed)
-
-FAULTS_ENV = "DS_DISTILL_TEST_FAULTS"
 
 _term = threading.Event()
 
@@ -175,12 +168,11 @@ class StepGuard:
         self.checked = False
 
     def begin(self, step: int) -> None:
-        """Start of step `step`: beat the watchdog, reset the flags, fire this step's test faults."""
+        """Start of step `step`: beat the watchdog, reset the flags."""
         self.step = step
         self.bad_ranks, self.checked = [], False
         if self.watchdog is not None:
             self.watchdog.beat(f"step {step}")
-        fault_at_step_start(step, self.rank)
 
     def check(self, local_sums: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
         """Collective, once per step, on every rank: after the last micro-batch's forward, before its backward.
@@ -258,20 +250,6 @@ class StepGuard:
                 f"{self.max_skipped_steps} skips used)")
 
 
-def nan_hook(guard: StepGuard, rank: int) -> Optional[Callable]:
-    """Test fault `nan@k[:rank]`: a forward hook on the student wrapper that makes its loss NaN at step k."""
-    spec = _faults().get("nan")
-    if spec is None or not _matches(spec, None, rank):
-        return None
-
-    def hook(module, args, output):
-        if module.training and isinstance(output, tuple) and guard.step == spec[0]:
-            return (output[0] * float("nan"),) + tuple(output[1:])
-        return output
-
-    return hook
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Watchdog
 # ----------------------------------------------------------------------------------------------------------------
@@ -326,54 +304,3 @@ class Watchdog:
             os.write(2, text.encode())
         finally:
             os._exit(EXIT_WATCHDOG)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Test-only fault hooks
-# ----------------------------------------------------------------------------------------------------------------
-
-def _faults() -> dict[str, tuple[int, Optional[int]]]:
-    """{kind: (step, rank or None)} from DS_DISTILL_TEST_FAULTS ("kill@3:0,nan@4:1")."""
-    out: dict[str, tuple[int, Optional[int]]] = {}
-    for item in filter(None, (s.strip() for s in os.environ.get(FAULTS_ENV, "").split(","))):
-        kind, _, where = item.partition("@")
-        step, _, rank = where.partition(":")
-        out[kind] = (int(step), int(rank) if rank else None)
-    return out
-
-
-def _matches(spec: tuple[int, Optional[int]], step: Optional[int], rank: int) -> bool:
-    return (step is None or spec[0] == step) and (spec[1] is None or spec[1] == rank)
-
-
-def _announce(kind: str, step: int, rank: int) -> None:
-    os.write(2, f"[ds_distill] test fault {kind}@{step} on rank {rank}\n".encode())
-
-
-def fault_at_step_start(step: int, rank: int) -> None:
-    f = _faults()
-    if "error" in f and _matches(f["error"], step, rank):
-        _announce("error", step, rank)
-        raise DistillError(f"test fault error@{step} on rank {rank} alone (the other ranks wait in a collective)")
-    if "sigterm" in f and _matches(f["sigterm"], step, rank):
-        _announce("sigterm", step, rank)
-        os.kill(os.getpid(), signal.SIGTERM)
-    if "stall" in f and _matches(f["stall"], step, rank):
-        _announce("stall", step, rank)
-        while True:
-            time.sleep(1.0)
-
-
-def fault_after_step(step: int, rank: int) -> None:
-    f = _faults()
-    if "kill" in f and _matches(f["kill"], step, rank):
-        _announce("kill", step, rank)
-        sys.stderr.flush()
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-def fault_in_checkpoint(step: int, rank: int) -> None:
-    f = _faults()
-    if "ckpt_kill" in f and _matches(f["ckpt_kill"], step, rank):
-        _announce("ckpt_kill", step, rank)
-        os.kill(os.getpid(), signal.SIGKILL)

@@ -20,8 +20,8 @@ from typing import Optional
 
 import torch
 
-from . import checkpoint, data, engines, guards, lora, models, teacher_cache, teachers, vocab
-from .config import DistillConfig, to_dict, validate
+from . import assembly, checkpoint, data, engines, faults, guards, lora, models, teacher_cache, teachers, vocab
+from .config import DistillConfig, to_dict
 from .errors import ConfigError, DistillError, ModelError, NonFiniteError
 from .losses import LossSpec
 from .tracking import Tracker
@@ -162,22 +162,6 @@ def apply_schedule_changes(cfg: DistillConfig, engine, state: checkpoint.ResumeS
             + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items())]
 
 
-def _has_tokenizer(path: str) -> bool:
-    return any(os.path.isfile(os.path.join(path, n)) for n in ("tokenizer.json", "tokenizer_config.json",
-                                                                "tokenizer.model", "vocab.json"))
-
-
-def _declared_vocab_rows(path: str) -> Optional[int]:
-    """lm_head rows a model directory's config.json declares (its text config's vocab_size), or None."""
-    try:
-        with open(os.path.join(path, "config.json")) as f:
-            c = json.load(f)
-    except (OSError, ValueError):
-        return None
-    v = c.get("text_config", c).get("vocab_size")
-    return v if isinstance(v, int) else None
-
-
 def check_top_k(cfg: DistillConfig, vocab_size: int) -> None:
     """loss.top_k can only be checked once the vocabulary is known."""
     L = cfg.loss
@@ -221,67 +205,30 @@ def compiled_loss(cfg: DistillConfig, loss_kwargs: dict, device: torch.device) -
                   f"against the eager path in {time.perf_counter() - start:.1f} s, relative difference {diff:.1e})")
 
 
-def build(cfg: DistillConfig) -> Run:
-    engines.check_device(cfg.train.device)  # before the process group: a silent CPU fallback would pick gloo
-    rank, world, _ = engines.init_distributed(guards.process_group_timeout(cfg.train.watchdog_timeout_s))
-    validate(cfg, world)
-    overwrite = check_output_dir(cfg, rank)  # nothing is deleted before the data and models are checked
-    precision = engines.resolve_precision(cfg.train.precision)
-    if rank == 0:
-        print(f"[ds_distill] {engines.describe_device(precision)} (train.device: {cfg.train.device}, "
-              f"train.precision: {cfg.train.precision})", flush=True)
-    dtype = engines.torch_dtype(precision)
-    T = cfg.train
+def resume_state(cfg: DistillConfig, student_engine, *, rank: int, world: int, overwrite: bool):
+    """The checkpoint to continue from (checkpoint.resume; none when overwriting), loaded into the engine, with the
+    notices to print (a fallback, set-aside later checkpoints, schedule changes). Returns (state, from, notices)."""
+    ckpt_root = os.path.join(cfg.output_dir, "checkpoints")
+    state = checkpoint.ResumeState()
+    notices: list[str] = []
+    resume_from = None if overwrite else checkpoint.select_resume(  # a fallback's notice is printed at once
+        ckpt_root, cfg.checkpoint.resume, lambda m: rank == 0 and print(m, file=sys.stderr, flush=True))
+    if resume_from:
+        state = checkpoint.load(student_engine, resume_from, world)
+        moved = checkpoint.set_aside_after(ckpt_root, resume_from) if rank == 0 else []
+        engines.barrier()
+        if moved:
+            names = ", ".join(map(os.path.basename, moved))
+            notices.append(f"continuing from {resume_from}: the later checkpoints of the abandoned branch were moved "
+                           f"to {os.path.join(ckpt_root, checkpoint.SET_ASIDE)} ({names})")
+        notices += apply_schedule_changes(cfg, student_engine, state)
+    return state, resume_from, notices
 
-    # --- models and tokenizers: checked before anything is loaded
-    models.check_model_dir(cfg.student.path, "student.path", cfg.student.allow_pickle_weights)
-    if cfg.teacher.path:
-        models.check_model_dir(cfg.teacher.path, "teacher.path", cfg.teacher.allow_pickle_weights)
-    tokenizer = models.load_tokenizer(cfg.resolved_tokenizer_path, cfg.tokenizer_trust_remote_code)
-    pair = f"teacher.path '{cfg.teacher.path}' / student.path '{cfg.student.path}'"
-    if cfg.teacher.path:
-        try:
-            vocab.check_tokenizers_compatible(
-                models.load_tokenizer(cfg.teacher.path, cfg.teacher.trust_remote_code),
-                models.load_tokenizer(cfg.student.path, cfg.student.trust_remote_code))
-        except ModelError as e:
-            raise ModelError(f"{pair}: {e}") from None
-    if cfg.tokenizer_path:  # a separate tokenizer must give the models' own ids, not just as many of them
-        key, ref = ("teacher.path", cfg.teacher.path) if cfg.teacher.path else ("student.path", cfg.student.path)
-        if _has_tokenizer(ref):
-            trust = cfg.teacher.trust_remote_code if cfg.teacher.path else cfg.student.trust_remote_code
-            try:
-                vocab.check_tokenizers_compatible(models.load_tokenizer(ref, trust), tokenizer)
-            except ModelError as e:
-                raise ModelError(f"tokenizer_path '{cfg.tokenizer_path}' does not match the tokenizer of {key} "
-                                 f"'{ref}' (compared as teacher = {key}, student = tokenizer_path): {e}") from None
-    # lm_head rows as declared in config.json: a vocabulary mismatch or loss.top_k beyond the vocabulary fails here,
-    # before any engine is built (checked again below with the loaded weights' real row counts)
-    s_rows = _declared_vocab_rows(cfg.student.path)
-    t_rows = _declared_vocab_rows(cfg.teacher.path) if cfg.teacher.path else None
-    if s_rows is not None and (t_rows is not None or not cfg.teacher.path):
-        try:
-            early_vocab = vocab.reconcile_vocab(t_rows or s_rows, s_rows, len(tokenizer))[0]
-        except ModelError as e:
-            raise ModelError(f"{pair} (vocab_size in config.json), tokenizer_path "
-                             f"'{cfg.resolved_tokenizer_path}': {e}") from None
-        check_top_k(cfg, early_vocab)
 
-    # --- data: each rank its own shard
-    train_ds = data.build_dataset(cfg.data.train_files, cfg.data.format, tokenizer, cfg.data.max_length,
-                                  cfg.data.text_field)
-    eval_ds = (data.build_dataset(cfg.data.eval_files, cfg.data.format, tokenizer, cfg.data.max_length,
-                                  cfg.data.text_field) if cfg.data.eval_files else None)
-
-    # --- offline teacher: checked against this run's tokenizer and data before any model loads
-    topk_cache = None
-    if cfg.teacher.cache and cfg.loss.alpha > 0:
-        topk_cache = teacher_cache.TopKCache(cfg.teacher.cache)
-        topk_cache.verify(tokenizer_fp=teacher_cache.tokenizer_fingerprint(tokenizer),
-                          data_fp=teacher_cache.data_fingerprint(train_ds), max_length=cfg.data.max_length,
-                          top_k=cfg.loss.top_k, temperature=cfg.loss.temperature)
-
-    # --- student engine (loaded straight into ZeRO-3 shards at stage 3)
+def build_student(cfg: DistillConfig, *, rank: int, world: int, precision: str):
+    """The student's training engine (models.StudentWithLoss under DeepSpeed ZeRO, LoRA when asked), loaded straight
+    into ZeRO-3 shards at stage 3. Returns (engine, the HF model)."""
+    T, dtype = cfg.train, engines.torch_dtype(precision)
     student_ds = engines.student_ds_config(
         micro_batch_size=T.micro_batch_size, grad_accum_steps=T.grad_accum_steps, world_size=world,
         zero_stage=T.zero_stage, precision=precision, lr=T.lr, betas=T.betas, weight_decay=T.weight_decay,
@@ -316,6 +263,40 @@ def build(cfg: DistillConfig) -> Run:
     print(f"[ds_distill] rank {rank}/{world}: student ZeRO-{T.zero_stage} holds {held} of {total} parameter "
           f"elements ({100.0 * held / max(total, 1):.1f}%)", flush=True)
 
+    return student_engine, student
+
+
+def build(cfg: DistillConfig) -> Run:
+    """The training recipe's assembly: process group, checks, data, engines, teacher source, resume state."""
+    rank, world = assembly.start(cfg)
+    overwrite = check_output_dir(cfg, rank)  # nothing is deleted before the data and models are checked
+    precision = engines.resolve_precision(cfg.train.precision)
+    if rank == 0:
+        print(f"[ds_distill] {engines.describe_device(precision)} (train.device: {cfg.train.device}, "
+              f"train.precision: {cfg.train.precision})", flush=True)
+    dtype = engines.torch_dtype(precision)
+    T = cfg.train
+
+    # --- models and tokenizers: checked before anything is loaded
+    assembly.check_model_dirs(cfg)
+    tokenizer = assembly.checked_tokenizer(cfg)
+    early_vocab = assembly.declared_vocab_size(cfg, tokenizer)
+    if early_vocab is not None:
+        check_top_k(cfg, early_vocab)  # checked again below with the loaded weights' real row counts
+
+    # --- data: each rank its own shard
+    train_ds, eval_ds = assembly.datasets(cfg, tokenizer)
+
+    # --- offline teacher: checked against this run's tokenizer and data before any model loads
+    topk_cache = None
+    if cfg.teacher.cache and cfg.loss.alpha > 0:
+        topk_cache = teacher_cache.TopKCache(cfg.teacher.cache)
+        topk_cache.verify(tokenizer_fp=teacher_cache.tokenizer_fingerprint(tokenizer),
+                          data_fp=teacher_cache.data_fingerprint(train_ds), max_length=cfg.data.max_length,
+                          top_k=cfg.loss.top_k, temperature=cfg.loss.temperature)
+
+    student_engine, student = build_student(cfg, rank=rank, world=world, precision=precision)
+
     # --- teacher: ZeRO-3 inference engine with its own DeepSpeed config
     teacher_engine = None
     teacher_rows = None
@@ -325,22 +306,9 @@ def build(cfg: DistillConfig) -> Run:
         if rank == 0:
             print(f"[ds_distill] teacher: {sharding} (teacher.sharding: {cfg.teacher.sharding})", flush=True)
 
-        def load_teacher():
-            return models.load_causal_lm(cfg.teacher.path, dtype=dtype,
-                                         trust_remote_code=cfg.teacher.trust_remote_code,
-                                         allow_pickle=cfg.teacher.allow_pickle_weights)
-
-        if sharding == "replicate":
-            teacher = load_teacher()
-            teacher_rows = models.vocab_rows(teacher)
-            teacher_engine = engines.ReplicatedTeacher(models.TeacherHidden(teacher), engines.device())
-        else:
-            teacher_ds = engines.teacher_ds_config(cfg.teacher.ds_config, micro_batch_size=T.micro_batch_size,
-                                                   world_size=world, precision=precision,
-                                                   offload_params=cfg.teacher.offload_params)
-            teacher = engines.load_partitioned(load_teacher, teacher_ds)
-            teacher_rows = models.vocab_rows(teacher)
-            teacher_engine = engines.build_teacher_engine(models.TeacherHidden(teacher), teacher_ds)
+        teacher_engine, teacher_rows = assembly.teacher_engine(cfg, sharding=sharding, world=world,
+                                                               precision=precision,
+                                                               micro_batch_size=T.micro_batch_size)
     if topk_cache is not None:
         teacher_rows = int(topk_cache.manifest["teacher_vocab_rows"])
     vocab_size, vocab_message = vocab.reconcile_vocab(teacher_rows or models.vocab_rows(student),
@@ -383,20 +351,8 @@ def build(cfg: DistillConfig) -> Run:
         engines.barrier()
 
     # --- resume
-    ckpt_root = os.path.join(cfg.output_dir, "checkpoints")
-    state = checkpoint.ResumeState()
-    notices: list[str] = []
-    resume_from = None if overwrite else checkpoint.select_resume(  # a fallback's notice is printed at once
-        ckpt_root, cfg.checkpoint.resume, lambda m: rank == 0 and print(m, file=sys.stderr, flush=True))
-    if resume_from:
-        state = checkpoint.load(student_engine, resume_from, world)
-        moved = checkpoint.set_aside_after(ckpt_root, resume_from) if rank == 0 else []
-        engines.barrier()
-        if moved:
-            names = ", ".join(map(os.path.basename, moved))
-            notices.append(f"continuing from {resume_from}: the later checkpoints of the abandoned branch were moved "
-                           f"to {os.path.join(ckpt_root, checkpoint.SET_ASIDE)} ({names})")
-        notices += apply_schedule_changes(cfg, student_engine, state)
+    state, resume_from, notices = resume_state(cfg, student_engine, rank=rank, world=world,
+                                               overwrite=overwrite)
     if len(train_ds) < world:  # checked here so that every rank raises it (the stream would fail on some only)
         raise data.DataError(f"data.train_files: {len(train_ds)} usable training samples cannot feed {world} ranks "
                              "-> add data or use fewer ranks")
@@ -411,7 +367,7 @@ def build(cfg: DistillConfig) -> Run:
     state.extra["schedule"] = schedule_settings(cfg)
     run = Run(cfg=cfg, rank=rank, world_size=world, tokenizer=tokenizer, student_engine=student_engine,
               teacher=source, stream=stream, eval_dataset=eval_ds, loss=loss_spec, state=state,
-              ckpt_root=ckpt_root, vocab_message=vocab_message)
+              ckpt_root=os.path.join(cfg.output_dir, "checkpoints"), vocab_message=vocab_message)
     if resume_from:
         run.vocab_message += f"\nresumed from {resume_from} at step {state.step}"
     for m in notices:
@@ -593,7 +549,8 @@ def save_checkpoint(run: Run, rng: Optional[dict] = None) -> str:
     """Collective: checkpoint of run.state.step with the stream's position (and `rng`, default: the RNG now)."""
     run.state.data_state = run.stream.state_dict()
     run.state.samples_consumed = run.state.data_state["samples_consumed"]
-    return checkpoint.save(run.student_engine, run.ckpt_root, run.state, run.cfg.checkpoint.keep_last, rng=rng)
+    return checkpoint.save(run.student_engine, run.ckpt_root, run.state, run.cfg.checkpoint.keep_last, rng=rng,
+                           before_complete=faults.in_checkpoint)
 
 
 def export(run: Run) -> str:
@@ -766,7 +723,7 @@ def train(run: Run, tracker: Tracker, watchdog: Optional[guards.Watchdog] = None
                              skipped_steps=run.state.skipped_steps, watchdog=watchdog)
     guards.validate_mode(cfg.train.nonfinite, guard.discards, cfg.train.zero_stage,
                          engines.resolve_precision(cfg.train.precision))
-    nan_hook = guards.nan_hook(guard, run.rank)  # test fault only
+    nan_hook = faults.nan_hook(lambda: guard.step, run.rank)
     hook_handle = eng.module.register_forward_hook(nan_hook) if nan_hook else None
     if run.vocab_message:
         tracker.message(run.vocab_message)
@@ -786,6 +743,7 @@ def train(run: Run, tracker: Tracker, watchdog: Optional[guards.Watchdog] = None
         lr = eng.get_lr()[0]  # the LR this step's update uses (the scheduler advances inside the step)
         step = run.state.step + 1
         guard.begin(step)
+        faults.at_step_start(step, run.rank)
         # data position and RNG before this step: what an abort's checkpoint of the last good step must hold
         if first is not None:
             (pos_before, rng_before, micro_batches), first = first, None
@@ -820,7 +778,7 @@ def train(run: Run, tracker: Tracker, watchdog: Optional[guards.Watchdog] = None
             eval_and_log(run, tracker)
         if guard.stop_requested and run.state.step < cfg.train.max_steps:  # SIGTERM on some rank: all stop here
             raise guards.Preempted(run.state.step, save_checkpoint(run))
-        guards.fault_after_step(step, run.rank)  # test fault only
+        faults.after_step(step, run.rank)
     if hook_handle is not None:
         hook_handle.remove()
     save_checkpoint(run)

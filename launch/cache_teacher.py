@@ -8,7 +8,7 @@ teacher and reads each micro-batch's rows by sample id. The teacher runs as a Ze
 (teacher.ds_config); --top_k defaults to the config's loss.top_k, --micro_batch_size to train.micro_batch_size.
 Storage: top_k x (4 + 2) bytes per token with fp16/bf16 (fp32: x 8). An interrupted run resumes when started again
 with the same arguments (complete shards are kept, the rest is recomputed); a cache_dir holding another run's cache
-is refused. Layout and checks: ds_distill/teacher_cache.py.
+is refused. Layout and checks: ds_distill/teacher_cache.py; the recipe: ds_distill/cache_writer.py.
 Exit codes: 0 done (or already complete), 2 a problem in the config / data / model directories / cache_dir.
 """
 import argparse
@@ -35,13 +35,13 @@ def main(argv=None) -> int:
     if asks_help:  # this script's own flags, then every config key (printed by parse_config)
         print(ap.format_help())
     args, rest = ap.parse_known_args(argv)
-    from ds_distill import engines, teacher_cache  # deepspeed is imported only once the arguments parse
+    from ds_distill import cache_writer, engines  # deepspeed is imported only once the arguments parse
 
     failed = True  # no closing barrier after an error: a peer may be dead or in another collective
     try:
         cfg = parse_config(rest)
-        teacher_cache.write_cache(cfg, args.cache_dir, top_k=args.top_k or cfg.loss.top_k, dtype=args.dtype,
-                                  micro_batch_size=args.micro_batch_size, shard_positions=args.shard_positions)
+        cache_writer.write_cache(cfg, args.cache_dir, top_k=args.top_k or cfg.loss.top_k, dtype=args.dtype,
+                                 micro_batch_size=args.micro_batch_size, shard_positions=args.shard_positions)
         failed = False
         return 0
     except DistillError as e:

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from conftest import ROOT, read_jsonl, run_deepspeed, tiny_config, write_yaml
-from ds_distill import guards
+from ds_distill import faults, guards
 from ds_distill.errors import ConfigError, NonFiniteError
 
 
@@ -135,10 +135,10 @@ def test_sigterm_handler_sets_the_flag_and_restores():
 
 
 def test_fault_spec_parsing(monkeypatch):
-    monkeypatch.setenv(guards.FAULTS_ENV, "kill@3:0, nan@4 ,stall@5:1")
-    assert guards._faults() == {"kill": (3, 0), "nan": (4, None), "stall": (5, 1)}
-    monkeypatch.delenv(guards.FAULTS_ENV)
-    assert guards._faults() == {}
+    monkeypatch.setenv(faults.FAULTS_ENV, "kill@3:0, nan@4 ,stall@5:1")
+    assert faults.parse() == {"kill": (3, 0), "nan": (4, None), "stall": (5, 1)}
+    monkeypatch.delenv(faults.FAULTS_ENV)
+    assert faults.parse() == {}
 
 
 def test_process_group_timeout_exceeds_the_watchdog():
@@ -231,7 +231,7 @@ def test_two_ranks_skip_nan_step_then_watchdog_ends_a_stall(tiny_assets, tmp_pat
                       checkpoint={"every_steps": 1, "keep_last": 10, "resume": "auto"})
     cfg["data"]["eval_files"] = []
     proc = run_deepspeed(ROOT / "launch" / "train.py", ["--config", write_yaml(cfg, tmp_path / "c.yaml")],
-                         env={guards.FAULTS_ENV: "nan@2:0,stall@4:1"}, timeout=600)  # a hang fails here
+                         env={faults.FAULTS_ENV: "nan@2:0,stall@4:1"}, timeout=600)  # a hang fails here
     log = proc.stdout + proc.stderr
 
     # step 2 skipped: named, weights unchanged by it, training went on at step 3
@@ -252,7 +252,7 @@ def test_two_ranks_skip_nan_step_then_watchdog_ends_a_stall(tiny_assets, tmp_pat
     assert all(timeout < s < timeout + 5.0 for s in idle.values()), idle
     stacks = {r: "\n".join(line for line in log.splitlines() if line.startswith(f"[rank {r} stack]"))
               for r in (0, 1)}
-    assert "fault_at_step_start" in stacks[1]  # the stalled rank: where it stalls
+    assert "in at_step_start" in stacks[1]  # the stalled rank: where it stalls
     assert "all_reduce" in stacks[0]  # the waiting rank: inside the collective
 
 

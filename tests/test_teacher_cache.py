@@ -50,7 +50,7 @@ def _dense(cache, sid, V):
 def test_cache_write_resume_train_and_refuse(tiny_assets, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ds_distill import data, teacher_cache as tc
+    from ds_distill import data, faults, teacher_cache as tc
     from ds_distill.errors import DistillError
     from ds_distill.tiny import build_tokenizer, stdlib_files
 
@@ -83,7 +83,7 @@ def test_cache_write_resume_train_and_refuse(tiny_assets, tmp_path):
             "--shard_positions", "130"]
 
     # --- 1. interrupted 2-rank write, then resume
-    proc = run_deepspeed(ROOT / "launch" / "cache_teacher.py", args, env={tc.STOP_ENV: "3"})
+    proc = run_deepspeed(ROOT / "launch" / "cache_teacher.py", args, env={faults.CACHE_STOP_ENV: "3"})
     assert proc.returncode != 0, proc.stdout[-3000:]
     partial = tc.cached_sample_ids(str(cache_v))
     assert 0 < len(partial) < N_SAMPLES

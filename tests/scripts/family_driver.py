@@ -7,7 +7,7 @@ hub), with the final norm's weight scaled up so that the family's logit transfor
 1. trains every family's pair in turn with `trainer.main` (the real recipe: ZeRO-3 student and teacher, probe,
    step-0 eval, one step, export), each into its own output_dir;
 2. an MoE run whose two ranks read different records (routing differs between ranks under ZeRO-3);
-3. writes the offline top-k cache of the Gemma-2 teacher (`teacher_cache.write_cache`);
+3. writes the offline top-k cache of the Gemma-2 teacher (`cache_writer.write_cache`);
 4. runs `launch/train.py`'s main on a Qwen3 pair whose forward is patched (logits x 1.5): it must exit 2 at the
    probe (its finally-clause ends the process group, so this comes last).
 Rank 0 writes {"patched_rc": ...} to plan["result"]; the checks against the HF models' own forwards are in the test.
@@ -94,7 +94,7 @@ def main() -> int:
     plan_path = [a for a in sys.argv[1:] if not a.startswith("--local_rank")][0]  # deepspeed adds --local_rank
     with open(plan_path) as f:
         plan = json.load(f)
-    from ds_distill import engines, teacher_cache, trainer
+    from ds_distill import cache_writer, engines, trainer
 
     engines.init_distributed()
     rank = int(os.environ.get("RANK", "0"))
@@ -103,8 +103,8 @@ def main() -> int:
         assert code == 0, f"{family}: trainer.main returned {code}"
     code = trainer.main(_cfg(plan["moe_differ"]))  # 2. MoE, ranks on different records
     assert code == 0, f"moe_differ: trainer.main returned {code}"
-    teacher_cache.write_cache(_cfg(plan["families"]["gemma2"]), plan["cache_dir"], top_k=plan["cache_k"],
-                              dtype="fp32")  # 3. the offline cache of a softcapped teacher
+    cache_writer.write_cache(_cfg(plan["families"]["gemma2"]), plan["cache_dir"], top_k=plan["cache_k"],
+                             dtype="fp32")  # 3. the offline cache of a softcapped teacher
     engines.barrier()
 
     # 4. a forward that rescales its logits, through the CLI's main (exit code and message as a user sees them)

@@ -19,7 +19,7 @@ import tempfile  # noqa: E402
 
 import yaml  # noqa: E402
 
-from ds_distill import engines, teacher_cache, trainer  # noqa: E402
+from ds_distill import cache_writer, engines, trainer  # noqa: E402
 from ds_distill.config import DistillConfig, parse_config  # noqa: E402
 from ds_distill.errors import DistillError  # noqa: E402
 
@@ -41,7 +41,7 @@ def main():
     try:
         for name, c in spec.get("caches", {}).items():
             t0 = time.time()
-            teacher_cache.write_cache(to_cfg(c["config"]), c["cache_dir"], top_k=c["top_k"], dtype=c["dtype"])
+            cache_writer.write_cache(to_cfg(c["config"]), c["cache_dir"], top_k=c["top_k"], dtype=c["dtype"])
             out["caches"][name] = time.time() - t0
         for name, c in spec.get("runs", {}).items():
             t0 = time.time()
@@ -54,7 +54,7 @@ def main():
                 out["refusals"][name] = str(e)
         for name, c in spec.get("writer_refusals", {}).items():
             try:
-                teacher_cache.write_cache(to_cfg(c["config"]), c["cache_dir"], top_k=c["top_k"], dtype=c["dtype"])
+                cache_writer.write_cache(to_cfg(c["config"]), c["cache_dir"], top_k=c["top_k"], dtype=c["dtype"])
                 out["writer_refusals"][name] = None
             except DistillError as e:
                 out["writer_refusals"][name] = str(e)
