@@ -106,17 +106,29 @@ def teacher_engine(cfg: DistillConfig, *, sharding: str, world: int, precision: 
     """The teacher as an inference engine returning final hidden states (models.TeacherHidden): a ZeRO-3 engine
     with teacher.ds_config (`sharding` zero3) or a full replica per rank (replicate). Returns (engine, lm_head
     rows). `expect_rows`: the row count config.json declares; a loaded head with another count is refused."""
-    dtype = engines.torch_dtype(precision)
     if sharding == "replicate":
-        teacher = load_teacher_model(cfg, dtype)
+        teacher = load_teacher_model(cfg, engines.torch_dtype(precision))
         rows = models.vocab_rows(teacher)
         engine = engines.ReplicatedTeacher(models.TeacherHidden(teacher), engines.device())
     else:
-        ds = engines.teacher_ds_config(cfg.teacher.ds_config, micro_batch_size=micro_batch_size, world_size=world,
-                                       precision=precision, offload_params=cfg.teacher.offload_params)
-        teacher = engines.load_partitioned(lambda: load_teacher_model(cfg, dtype), ds)
-        rows = models.vocab_rows(teacher)
-        engine = engines.build_teacher_engine(models.TeacherHidden(teacher), ds)
+        engine, rows = inference_engine(cfg.teacher.path, ds_config=cfg.teacher.ds_config, world=world,
+                                        precision=precision, micro_batch_size=micro_batch_size,
+                                        offload_params=cfg.teacher.offload_params,
+                                        trust_remote_code=cfg.teacher.trust_remote_code,
+                                        allow_pickle=cfg.teacher.allow_pickle_weights)
     if expect_rows is not None and rows != expect_rows:
         raise DistillError(f"teacher.path: config.json says {expect_rows} vocabulary rows, the lm_head has {rows}")
     return engine, rows
+
+
+def inference_engine(path: str, *, ds_config: str, world: int, precision: str, micro_batch_size: int,
+                     offload_params: bool = False, trust_remote_code: bool = False, allow_pickle: bool = False):
+    """A model loaded straight into ZeRO-3 shards (DeepSpeed JSON `ds_config`) as an inference engine returning final
+    hidden states, its head (weight, bias, transform) at `engine.module.head`. Returns (engine, lm_head rows)."""
+    ds = engines.teacher_ds_config(ds_config, micro_batch_size=micro_batch_size, world_size=world,
+                                   precision=precision, offload_params=offload_params)
+    model = engines.load_partitioned(lambda: models.load_causal_lm(
+        path, dtype=engines.torch_dtype(precision), trust_remote_code=trust_remote_code, allow_pickle=allow_pickle),
+        ds)
+    rows = models.vocab_rows(model)
+    return engines.build_teacher_engine(models.TeacherHidden(model), ds), rows
