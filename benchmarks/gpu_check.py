@@ -319,7 +319,6 @@ def section_train(p: dict, assets: dict, work: Path, dev: str, peak_tflops: floa
         secs.append(time.perf_counter() - t0)
         rows.append(trainer.step_metrics(sums, lr=eng.get_lr()[0], grad_norm=eng.get_global_grad_norm(),
                                          seconds=secs[-1]))
-        rows[-1]["mem/peak_gb"] = sums["mem/peak_gb"]
         run.state.step = step
     timed = [r for i, r in enumerate(rows) if i > 0 and not (full and i == 1)] or rows  # no warm-up, no counting
     tps = sorted(r["tokens_per_sec"] for r in timed)[len(timed) // 2]
@@ -354,7 +353,7 @@ def section_train(p: dict, assets: dict, work: Path, dev: str, peak_tflops: floa
                                 teacher_sharding=sharding)
         out["planner_peak_gib"] = plan.peak / 2 ** 30
         out["measured_over_planned"] = out["peak_memory_gib"] / out["planner_peak_gib"]
-    del run, eng
+    run = eng = None  # frees the engines (the closures above are done with them)
     import gc
 
     gc.collect()

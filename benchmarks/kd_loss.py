@@ -293,7 +293,8 @@ def report(results: list[dict]) -> str:
                    if r.get("method", "").split("@")[0] == "matmul" and "seconds" in r}
     gpu = any("device" in r for r in results)
     lines = ["| N | method | wall s | CPU s | x naive wall | x matmul-only wall (CPU) | x 2 lm_head GEMMs wall |"
-             " x eager wall (CPU) | peak MB above inputs | x naive peak | peak minus the lm_head grad | load avg before |",
+             " x eager wall (CPU) | peak MB above inputs | x naive peak | peak minus the lm_head grad"
+             " | load avg before |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     grad_mb = V * HS * (2 if gpu else 4) / 2**20
     for r in results:

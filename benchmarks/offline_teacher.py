@@ -178,9 +178,9 @@ def main(argv=None):
             if step >= args.warmup:
                 seconds[name].append(dt)
                 cpu_seconds[name].append(dc)
-            tokens[name] = sums["global_seq_tokens"]
+            tokens[name] = sums.global_seq_tokens
             print(f"step {step + 1} {name:>6}: {dt:6.2f} s wall, {dc:6.2f} s CPU, loss "
-                  f"{sums['total'] / sums['tokens']:.4f}", flush=True)
+                  f"{sums.total / sums.tokens:.4f}", flush=True)
 
     res = {"tokens_per_step": tokens["online"], "seq": args.seq, "micro_batch_size": args.micro_batch_size,
            "grad_accum_steps": args.grad_accum_steps, "top_k": args.top_k, "threads": args.threads,
@@ -188,12 +188,14 @@ def main(argv=None):
            "device": str(engines.device()), "teacher_over_student_forward": ratio,
            "teacher_calibration": assets["calibration"],
            "student": STUDENT, "teacher": TEACHER,
-           "cache_write_s": manifest["seconds_last_run"], "cache_write_s_with_startup": cache_s, "cache_tokens": manifest["num_positions"] + manifest["num_samples"],
+           "cache_write_s": manifest["seconds_last_run"], "cache_write_s_with_startup": cache_s,
+           "cache_tokens": manifest["num_positions"] + manifest["num_samples"],
            "cache_bytes_per_token": manifest["bytes_per_token"], "cache_bytes_on_disk": manifest["bytes_on_disk"]}
     for name in runs:
         med, cmed = statistics.median(seconds[name]), statistics.median(cpu_seconds[name])
         res[name] = {"median_step_s": med, "tokens_per_s": tokens[name] / med, "median_step_cpu_s": cmed,
-                     "tokens_per_cpu_s": tokens[name] / cmed, "steps_s": seconds[name], "steps_cpu_s": cpu_seconds[name]}
+                     "tokens_per_cpu_s": tokens[name] / cmed, "steps_s": seconds[name],
+                     "steps_cpu_s": cpu_seconds[name]}
     res["speedup"] = res["cached"]["tokens_per_s"] / res["online"]["tokens_per_s"]
     res["speedup_cpu"] = res["cached"]["tokens_per_cpu_s"] / res["online"]["tokens_per_cpu_s"]
     (out / "results.json").write_text(json.dumps(res, indent=1))

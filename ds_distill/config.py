@@ -370,7 +370,8 @@ class DistillConfig:
         """trust_remote_code for the tokenizer at resolved_tokenizer_path: that of the model whose directory it is
         (each flag covers its own model only; a separate tokenizer_path never runs custom code)."""
         path = self.resolved_tokenizer_path
-        same = (lambda a, b: a is not None and b is not None and os.path.abspath(a) == os.path.abspath(b))
+        def same(a, b):
+            return a is not None and b is not None and os.path.abspath(a) == os.path.abspath(b)
         return (same(path, self.teacher.path) and self.teacher.trust_remote_code) or \
             (same(path, self.student.path) and self.student.trust_remote_code)
 

@@ -12,7 +12,8 @@ Formats (what is trained, i.e. where labels != -100):
     guanaco      '### Human: ... ### Assistant: ...' text: each assistant turn from its first non-blank character
                  through its end of turn: the next '### Human:' marker (the stop string guanaco models are run
                  with) or, for the last turn, an appended eos.
-    instruction  fields instruction/input/output rendered as 'Instruction: {instruction}\\n[Input: {input}\\n]Response: '
+    instruction  fields instruction/input/output rendered as
+                 'Instruction: {instruction}\\n[Input: {input}\\n]Response: '
                  + output, or one text field holding 'Instruction: ... Response: ...': the response and an eos.
     chat         'messages' rendered with the tokenizer's chat template: each assistant message's content and the end
                  tokens the template puts right after it (ChatML: '<|im_end|>'; not the newline after it).
@@ -44,12 +45,12 @@ import datasets
 import torch
 
 from ds_distill.errors import DataError
+from ds_distill.losses import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
 
 FORMATS = ("text", "guanaco", "instruction", "chat")
 EXTENSIONS = (".jsonl", ".json", ".parquet", ".txt")
-IGNORE_INDEX = -100
 
 _HUMAN = re.compile(r"###\s*Human:")
 _ASSISTANT = re.compile(r"###\s*Assistant:")
@@ -174,7 +175,8 @@ def _extract(records: list[Any], path: str, fmt: str, text_field: str) -> list[d
                                 f"fields there: {sorted(rec)} ({path})")
             clean = []
             for j, m in enumerate(msgs):
-                if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                if not (isinstance(m, dict) and isinstance(m.get("role"), str)
+                        and isinstance(m.get("content"), str)):
                     raise DataError(f"data.format: message {j} of {where} needs string 'role' and 'content' "
                                     f"(got {m!r:.120}) ({path})")
                 clean.append({k: v for k, v in m.items() if v is not None})  # parquet structs fill absent keys
@@ -236,10 +238,11 @@ def _instruction_text_pieces(text: str) -> list[tuple[str, bool]]:
 def _chat_spans(messages: list[dict], tokenizer) -> tuple[str, list[tuple[int, int]]]:
     """The rendered conversation and the [start, end) character spans to train: assistant contents + end tokens.
 
-    For assistant message i the content is located right after the rendering of messages[:i] with the generation
-    prompt when that is a prefix of the whole (the usual case); otherwise (templates that insert a think block or
-    rewrite earlier turns) it is searched for after the previous span and the part shared with that rendering. The end tokens are what the template writes after the content when
-    the conversation stops there (messages[:i+1]), minus trailing whitespace, as far as the whole rendering agrees.
+    For assistant message i the content is located right after the rendering of messages[:i] with the generation prompt
+    when that is a prefix of the whole (the usual case); otherwise (templates that insert a think block or rewrite
+    earlier turns) it is searched for after the previous span and the part shared with that rendering. The end tokens
+    are what the template writes after the content when the conversation stops there (messages[:i+1]), minus trailing
+    whitespace, as far as the whole rendering agrees.
     """
     def render(msgs, gen=False):
         return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)

@@ -39,9 +39,8 @@ from typing import Callable, Iterable, Optional, Sequence
 import torch
 
 from .heads import Head
-from .losses import divergence_from_logprobs
+from .losses import IGNORE_INDEX, divergence_from_logprobs
 
-IGNORE_INDEX = -100
 STAT_KEYS = ("student_nll", "teacher_nll", "kl", "agree", "tokens")
 TEMPERATURES = (0.1, 0.7, 1.2)
 
@@ -93,7 +92,8 @@ def token_stats(student_hidden: torch.Tensor, student_head: Head, targets: torch
 
 
 def finalize(sums: Sequence[float], has_teacher: bool) -> dict:
-    """Token-weighted means of global sums: {student_ppl, student_nll, [teacher_ppl, teacher_nll, kl, agree], tokens}."""
+    """Token-weighted means of global sums:
+    {student_ppl, student_nll, [teacher_ppl, teacher_nll, kl, agree], tokens}."""
     s_nll, t_nll, kl, agree, tokens = (float(x) for x in sums)
     n = max(tokens, 1.0)
     out = {"student_nll": s_nll / n, "student_ppl": math.exp(s_nll / n), "tokens": tokens}

@@ -89,6 +89,8 @@ from .heads import IDENTITY, HeadTransform, softcap_
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tv")
 IMPLS = ("full", "chunked", "topk")
 IGNORE_INDEX = -100
+# KD health: sums over the trained tokens (top-1 agreement, both entropies, the cached top-k's mass), as kd/<name>
+HEALTH_METRICS = ("agree", "teacher_entropy", "student_entropy", "topk_mass")
 _NEG_INF = float("-inf")
 _TINY = torch.finfo(torch.float32).tiny
 # Elements (rows x V) processed together by the element-wise part of the chunked passes. On CPU, 8 rows x 151,936
@@ -377,7 +379,8 @@ def distill_loss(
             raise ValueError("alpha > 0 needs teacher_hidden and teacher_weight (or teacher_topk with impl='topk')")
         if teacher_hidden is not None:
             if teacher_hidden.shape[0] != student_hidden.shape[0]:
-                raise ValueError(f"teacher_hidden has {teacher_hidden.shape[0]} rows, student {student_hidden.shape[0]}")
+                raise ValueError(f"teacher_hidden has {teacher_hidden.shape[0]} rows, "
+                                 f"student {student_hidden.shape[0]}")
             if teacher_weight.shape[0] < vocab_size:
                 raise ValueError(f"teacher lm_head has {teacher_weight.shape[0]} rows < vocab_size {vocab_size}")
     else:  # CE only: the teacher is not used at all
@@ -427,7 +430,7 @@ def distill_loss(
     return _pack(total, stats, rows.numel(), opts)
 
 
-_STATS = ("ce", "kd", "agree", "teacher_entropy", "student_entropy", "topk_mass")
+_STATS = ("ce", "kd") + HEALTH_METRICS
 
 
 def _pack(total: Tensor, stats: Tensor, n_tokens: int, opts: _Opts) -> LossSums:

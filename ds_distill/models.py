@@ -19,9 +19,8 @@ from torch import nn
 
 from . import heads
 from .errors import ModelError
-from .losses import LossSpec, LossSums, distill_loss
+from .losses import HEALTH_METRICS, IGNORE_INDEX, LossSpec, LossSums, distill_loss
 
-IGNORE_INDEX = -100
 
 
 def check_model_dir(path: str, key: str, allow_pickle: bool = False) -> None:
@@ -141,12 +140,10 @@ class StudentWithLoss(nn.Module):
     """Student forward + distillation loss in one module call, so ZeRO-3 gathers the lm_head for the loss.
 
     Returns the loss sums of `losses.distill_loss` as a tuple (DeepSpeed hooks tensors in tuples):
-    (total, ce, kd, tokens, metrics [4] = agree, teacher_entropy, student_entropy, topk_mass, aux), aux being an
+    (total, ce, kd, tokens, metrics [losses.HEALTH_METRICS], aux), aux being an
     MoE student's router load-balancing loss of the micro-batch (with grad; 0 for dense students).
     Only the positions whose label is trained are passed to the loss (shifted: hidden[t] predicts labels[t+1]).
     """
-
-    METRIC_KEYS = ("agree", "teacher_entropy", "student_entropy", "topk_mass")
 
     def __init__(self, model: nn.Module, register_external=None, loss_spec: Optional[LossSpec] = None):
         super().__init__()
@@ -180,11 +177,11 @@ class StudentWithLoss(nn.Module):
     def forward(self, input_ids, attention_mask, labels=None, teacher_hidden=None, teacher_weight=None,
                 teacher_topk=None, hidden_only: bool = False, teacher_bias=None, probe: bool = False, keep=None,
                 position_ids=None, token_mask=None):
-        """The loss is `self.loss_spec`'s (set once by trainer.build). `keep` [n]: the flat indices of the trained positions of labels[:, 1:] when the caller computed them on
-        the host (trainer.host_prepare: labels already checked against the vocabulary); then nothing here reads a
-        value on the device. Without it they are found here (a host synchronisation). `position_ids` with
-        attention_mask None: packed rows; `token_mask` [B, S] then marks the real tokens (padding excluded from an
-        MoE router's aux loss, as the attention mask does unpacked)."""
+        """The loss is `self.loss_spec`'s (set once by trainer.build). `keep` [n]: the flat indices of the trained
+        positions of labels[:, 1:] when the caller computed them on the host (trainer.host_prepare: labels already
+        checked against the vocabulary); then nothing here reads a value on the device. Without it they are found here
+        (a host synchronisation). `position_ids` with attention_mask None: packed rows; `token_mask` [B, S] then marks
+        the real tokens (padding excluded from an MoE router's aux loss, as the attention mask does unpacked)."""
         want_aux = self.moe_aux is not None and not hidden_only and not probe
         extra = {"output_router_logits": True} if want_aux else {}
         out_dec = _decoder(self.model)(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
@@ -230,7 +227,7 @@ class StudentWithLoss(nn.Module):
                                      teacher_bias=teacher_bias, student_bias=getattr(head, "bias", None),
                                      student_transform=self.transform, rows=loss_rows, **self.loss_spec.kwargs())
         metrics = torch.stack([out.metrics.get(k, torch.zeros((), device=h.device)).float().reshape(())
-                               for k in self.METRIC_KEYS])
+                               for k in HEALTH_METRICS])
         return out.total, out.ce, out.kd, out.tokens.float(), metrics, aux
 
 

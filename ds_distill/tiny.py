@@ -100,7 +100,8 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
 
 
-def build_data(out_dir: str | Path, n_train: int = 2000, n_eval: int = 200, seed: int = 0) -> dict[str, tuple[str, str]]:
+def build_data(out_dir: str | Path, n_train: int = 2000, n_eval: int = 200,
+               seed: int = 0) -> dict[str, tuple[str, str]]:
     """Write {format}_{train,eval}.jsonl; returns {format: (train_path, eval_path)}."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -23,14 +23,45 @@ import torch
 from . import assembly, checkpoint, data, engines, faults, guards, lora, models, teacher_cache, teachers, vocab
 from .config import DistillConfig, to_dict
 from .errors import ConfigError, DistillError, ModelError, NonFiniteError
-from .losses import LossSpec
+from .losses import HEALTH_METRICS, LossSpec
 from .tracking import Tracker
 from . import evaluate, report, tasks
 
 # Order of the per-step sums all-reduced once per step ("aux": an MoE student's router aux loss, summed over
 # micro-batches; "micro_batches": how many were summed, over all ranks).
-SUM_KEYS = ("total", "ce", "kd", "tokens", "aux", "micro_batches") + tuple(
-    f"kd/{k}" for k in models.StudentWithLoss.METRIC_KEYS)
+
+
+@dataclasses.dataclass
+class StepSums:
+    """One step's loss sums over every micro-batch and rank (host floats), what train_step returns.
+
+    total / ce / kd: sums over the step's trained tokens (`tokens` of them); aux: the MoE router aux losses summed over
+    the `micro_batches` forwards (all ranks), aux_coef their weight; health: losses.HEALTH_METRICS sums; global_*:
+    trained tokens, real tokens and computed token slots of the step; peak_memory_gb: the largest rank's peak."""
+    total: float
+    ce: float
+    kd: float
+    tokens: float
+    aux: float
+    micro_batches: float
+    health: dict
+    peak_memory_gb: float = 0.0
+    global_tokens: float = 0.0
+    global_seq_tokens: float = 0.0
+    global_slots: float = 0.0
+    aux_coef: float = 0.0
+
+    DEVICE = ("total", "ce", "kd", "tokens", "aux", "micro_batches")  # the device vector: these, then health
+
+    @classmethod
+    def width(cls) -> int:
+        return len(cls.DEVICE) + len(HEALTH_METRICS)
+
+    @classmethod
+    def from_vector(cls, v: list[float], **rest) -> "StepSums":
+        n = len(cls.DEVICE)
+        return cls(**dict(zip(cls.DEVICE, v[:n])), health=dict(zip(HEALTH_METRICS, v[n:n + len(HEALTH_METRICS)])),
+                   **rest)
 # The start-up probe: positions of the first micro-batch run through each model's own forward, and the largest
 # |own - fused| allowed, relative to the largest |own logit| (fp32: rounding is ~1e-6; bf16/fp16 round the logits
 # to 8-11 bits, and the HF forward rounds at other places than the fused head)
@@ -487,7 +518,7 @@ def train_step(run: Run, micro_batches: list[dict], before_step=None,
                                                                   dtype=torch.float64)}, dev)["n"])
     scale = run.world_size / counts[0].clamp(min=1.0)  # x world: DeepSpeed averages gradients over ranks
 
-    sums = torch.zeros(len(SUM_KEYS), dtype=torch.float64, device=dev)
+    sums = torch.zeros(StepSums.width(), dtype=torch.float64, device=dev)
     # an MoE student's router aux loss is a per-forward mean (as in its HF forward): each micro-batch's gets weight
     # coef / (micro-batches x ranks) in the step's objective; DeepSpeed's average over ranks supplies the 1 / ranks
     aux_weight = eng.module.aux_coef / len(micro_batches)
@@ -516,30 +547,28 @@ def train_step(run: Run, micro_batches: list[dict], before_step=None,
     peaks[run.rank] = engines.local_peak_memory_gb()
     reduced = engines.all_reduce_sum(torch.cat([sums, peaks]))
     host = torch.cat([reduced, counts]).tolist()  # host sync: once per step (counts are global already)
-    out = dict(zip(SUM_KEYS, host))
-    out["mem/peak_gb"] = max(host[len(SUM_KEYS):len(SUM_KEYS) + run.world_size])
-    out["global_tokens"], out["global_seq_tokens"], out["global_slots"] = host[-3:]
-    out["aux_coef"] = eng.module.aux_coef
-    return out
+    w = StepSums.width()
+    return StepSums.from_vector(host, peak_memory_gb=max(host[w:w + run.world_size]), global_tokens=host[-3],
+                                global_seq_tokens=host[-2], global_slots=host[-1], aux_coef=eng.module.aux_coef)
 
 
-def step_metrics(sums: dict, *, lr: float, grad_norm: Optional[float], seconds: float) -> dict:
+def step_metrics(sums: StepSums, *, lr: float, grad_norm: Optional[float], seconds: float) -> dict:
     """Logged row: token means of the step's global sums (the values the gradient came from); for an MoE student
     also `loss/aux`, the mean over micro-batches (all ranks) of its router aux loss, and `loss/total` includes
     coef * loss/aux."""
-    n = max(sums["tokens"], 1.0)
-    total = sums["total"] / n
+    n = max(sums.tokens, 1.0)
+    total = sums.total / n
     aux = None
-    if sums.get("aux_coef"):
-        aux = sums["aux"] / max(sums["micro_batches"], 1.0)
-        total += sums["aux_coef"] * aux
-    row = {"loss/total": total, "loss/ce": sums["ce"] / n, "loss/kl": sums["kd"] / n, "lr": lr,
+    if sums.aux_coef:
+        aux = sums.aux / max(sums.micro_batches, 1.0)
+        total += sums.aux_coef * aux
+    row = {"loss/total": total, "loss/ce": sums.ce / n, "loss/kl": sums.kd / n, "lr": lr,
            "grad_norm": float("nan") if grad_norm is None else float(grad_norm),
-           "tokens_per_sec": sums["global_seq_tokens"] / max(seconds, 1e-9), "tokens": sums["tokens"],
+           "tokens_per_sec": sums.global_seq_tokens / max(seconds, 1e-9), "tokens": sums.tokens,
            # real (non-padding) tokens per computed token slot, teacher and student alike
-           "data/fill": sums["global_seq_tokens"] / max(sums["global_slots"], 1.0)}
-    for k in models.StudentWithLoss.METRIC_KEYS:
-        row[f"kd/{k}"] = sums[f"kd/{k}"] / n
+           "data/fill": sums.global_seq_tokens / max(sums.global_slots, 1.0),
+           "mem/peak_gb": sums.peak_memory_gb}
+    row.update({f"kd/{k}": v / n for k, v in sums.health.items()})
     if aux is not None:
         row["loss/aux"] = aux
     return row
@@ -764,10 +793,9 @@ def train(run: Run, tracker: Tracker, watchdog: Optional[guards.Watchdog] = None
             run.state.skipped_steps = guard.skipped_steps
             tracker.message(guard.skip_message())
         else:
-            run.state.tokens_seen += int(sums["tokens"])
+            run.state.tokens_seen += int(sums.tokens)
             grad_norm = eng.get_global_grad_norm()
             last = step_metrics(sums, lr=lr, grad_norm=grad_norm, seconds=time.time() - t0)
-            last["mem/peak_gb"] = sums["mem/peak_gb"]  # max over ranks, all-reduced with the step's sums
             if run.state.step % cfg.train.log_every == 0 or run.state.step == cfg.train.max_steps:
                 tracker.log(run.state.step, last)
         every = cfg.checkpoint.every_steps

@@ -285,7 +285,8 @@ def main(argv=None) -> int:
     ap.add_argument("--temperature", type=float, help="KD student's loss.temperature")
     ap.add_argument("--seed", type=int, default=0, help="train.seed of every run (data order); the students' "
                     "initial weights use seed + 2")
-    ap.add_argument("--zero_stage", type=int, default=3, choices=[0, 1, 2, 3], help="students' and teacher's ZeRO stage")
+    ap.add_argument("--zero_stage", type=int, default=3, choices=[0, 1, 2, 3],
+                    help="students' and teacher's ZeRO stage")
     ap.add_argument("--reuse_teacher", action="store_true",
                     help="keep DIR's corpus and trained teacher from an earlier run (for tuning the students)")
     args = ap.parse_args(argv)

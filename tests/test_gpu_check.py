@@ -6,7 +6,7 @@ there; the fused loss at both vocabulary widths (1000 real, 1024 padded rows) is
 and with its slab math compiled (loss.compile) it equals the eager loss (1e-6) and is as close to fp64;
 the 3 training steps have finite losses, trained every slot of their packed micro-batches (data/fill 1.0: the tiny
 text fills max_length) with the compiled loss (loss.compile), made at most 4 host synchronisations in the
-project's code, checkpointed, and exported weights equal to the engine's (checksum); both teacher placements ran. Runtime: about 30 s.
+project's code, checkpointed, and exported weights equal to the engine's (checksum); both teacher placements ran.
 """
 import json
 import os

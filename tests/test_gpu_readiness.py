@@ -85,7 +85,7 @@ def _drive(config_path: str, result_path: str) -> None:
             rec["losses"].append(row["loss/total"])
             rec["fill"].append(row["data/fill"])
         result[name] = rec
-        del run, eng
+        run = eng = None  # frees the engines (the closures above are done with them)
         OpBuilder.load = real_load
     engines.shutdown()
     Path(result_path).write_text(json.dumps(result))

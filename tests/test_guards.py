@@ -235,7 +235,8 @@ def test_two_ranks_skip_nan_step_then_watchdog_ends_a_stall(tiny_assets, tmp_pat
     log = proc.stdout + proc.stderr
 
     # step 2 skipped: named, weights unchanged by it, training went on at step 3
-    assert "step 2: non-finite loss on rank(s) [0]: step skipped, weights unchanged (1/1 skips used)" in log, log[-4000:]
+    assert "step 2: non-finite loss on rank(s) [0]: step skipped, weights unchanged (1/1 skips used)" in log, \
+        log[-4000:]
     from test_resume import assert_same_weights, zero_weights
 
     ck = out / "checkpoints"

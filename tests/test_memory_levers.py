@@ -102,7 +102,7 @@ def _drive(config_path: str) -> None:
             with open(os.path.join(out, "record.json"), "w") as f:
                 json.dump(rec, f)
         engines.barrier()
-        del run, eng, teacher, hf, layer0, sd, grads
+        run = eng = teacher = hf = layer0 = sd = grads = None  # frees them (the closures above are done)
         gc.collect()
     engines.shutdown()
 

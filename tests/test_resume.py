@@ -141,7 +141,8 @@ def test_killed_aborted_preempted_chain_equals_uninterrupted_run(tiny_assets, od
     assert "Traceback" not in log
     assert latest() == "step_00000003"
     ref3, ref4 = (zero_weights(reference / "checkpoints", f"step_0000000{s}") for s in (3, 4))
-    assert_same_weights(zero_weights(ckpts, "step_00000003"), ref3, "weights saved by the NaN abort vs reference step 3")
+    assert_same_weights(zero_weights(ckpts, "step_00000003"), ref3,
+                        "weights saved by the NaN abort vs reference step 3")
     one_step = max((ref3[k].double() - ref4[k].double()).abs().max().item() for k in ref3)
     assert one_step > 10 * WEIGHT_ATOL, one_step  # the tolerance would notice an applied (or half-applied) step
     assert [r["step"] for r in read_jsonl(out / "metrics.jsonl")] == [1, 2, 3]

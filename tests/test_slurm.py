@@ -157,7 +157,8 @@ def test_two_node_job_requeues_resumes_and_matches_one_node(slurm_env, tiny_asse
             if cond(info):
                 return info
             if info.get("JobState") in DONE_STATES:
-                fail(f"job {job_id} ended ({info.get('JobState')}, exit {info.get('ExitCode')}) while waiting for {what}")
+                fail(f"job {job_id} ended ({info.get('JobState')}, exit {info.get('ExitCode')}) "
+                     f"while waiting for {what}")
             time.sleep(0.25)
         fail(f"timed out after {timeout} s waiting for {what}")
 

@@ -60,7 +60,8 @@ def test_two_ranks_two_microbatches_equal_global_mean_fp64(tiny_assets, tmp_path
     cfg = tiny_config(tiny_assets, out, fmt="instruction",  # response-only masks: uneven token counts per batch
                       train={"micro_batch_size": 2, "grad_accum_steps": 2, "zero_stage": stage, "grad_clip": 0.0},
                       loss={"alpha": 0.6, "temperature": 2.0, "impl": "chunked", "chunk_size": 16})
-    proc = run_deepspeed(ROOT / "tests" / "scripts" / "grad_check.py", ["--config", write_yaml(cfg, tmp_path / "c.yaml")])
+    proc = run_deepspeed(ROOT / "tests" / "scripts" / "grad_check.py",
+                         ["--config", write_yaml(cfg, tmp_path / "c.yaml")])
     assert_ok(proc)
     d = out / "grad_check"
     sums = json.loads((d / "sums.json").read_text())

@@ -6,6 +6,7 @@ Writes (rank 0): grads.safetensors (full gradient of every student parameter, ga
 batches.safetensors (every rank's micro-batches, in order), sums.json (the step's global sums as logged).
 The test recomputes the same step in fp64 in one process, on the concatenated batch, and compares.
 """
+import dataclasses
 import json
 import os
 import sys
@@ -45,7 +46,7 @@ def main():
                     flat[f"r{r}.m{i}.{k}"] = v.contiguous()
         save_file(flat, os.path.join(out, "batches.safetensors"))
         with open(os.path.join(out, "sums.json"), "w") as f:
-            json.dump({**sums, "vocab_size": run.loss.vocab_size}, f)
+            json.dump({**dataclasses.asdict(sums), "vocab_size": run.loss.vocab_size}, f)
     engines.shutdown()
 
 

@@ -50,7 +50,8 @@ t = torch.tensor([float(rank + 1)])
 dist.all_reduce(t)
 ok = t.item() == world * (world + 1) / 2
 print(f"DSAR host={socket.gethostname()} node={os.environ.get('SLURM_NODEID')} rank={rank}/{world} "
-      f"local_rank={os.environ.get('LOCAL_RANK')} master={os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')} "
+      f"local_rank={os.environ.get('LOCAL_RANK')} "
+      f"master={os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')} "
       f"restart={os.environ.get('SLURM_RESTART_COUNT', '0')} argv={sys.argv[1:]} allreduce={t.item()} "
       f"{'ok' if ok else 'WRONG'}", flush=True)
 
