@@ -40,6 +40,7 @@ import torch
 import torch.distributed as dist
 
 from . import engines
+from .config import ResumeRequest
 from .errors import DistillError
 
 LATEST = "latest"
@@ -324,19 +325,19 @@ def _all_problems(path: str) -> list[str]:
     return sorted({p for per_rank in seen for p in per_rank})
 
 
-def select_resume(ckpt_root: str, resume: str, notice) -> Optional[str]:
-    """Collective: the checkpoint to resume from, or None. `resume` is 'auto', 'never' or a path.
+def select_resume(ckpt_root: str, resume: ResumeRequest, notice) -> Optional[str]:
+    """Collective: the checkpoint to resume from, or None (checkpoint.resume parsed: auto, never or a path).
 
     auto: the newest complete checkpoint whose files are all readable; a checkpoint with a truncated or missing file
     is skipped with a notice naming the file (the previous complete one is used). An explicit path must be usable,
     or the error names what is wrong with it.
     """
-    if resume == "never":
+    if resume.mode == "never":
         return None
     fix = ("-> delete or move that checkpoint directory (the previous complete one is then used), or set "
            "checkpoint.resume to an older checkpoint")
-    if resume != "auto":
-        path = os.path.abspath(resume.rstrip("/"))
+    if resume.mode == "path":
+        path = resume.path
         _check_is_checkpoint(path)
         problems = _all_problems(path)
         if problems:

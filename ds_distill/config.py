@@ -211,6 +211,23 @@ class CheckpointConfig:
     and metrics.jsonl; needs the same world size). never: start fresh. A path: resume from that checkpoint
     directory (DeepSpeed checkpoints are pickles: only resume from checkpoints your own runs wrote)."""
 
+    @property
+    def resume_request(self) -> "ResumeRequest":
+        return ResumeRequest.parse(self.resume)
+
+
+@dataclass(frozen=True)
+class ResumeRequest:
+    """checkpoint.resume parsed: mode 'auto', 'never' or 'path' (then `path`: the checkpoint directory, absolute)."""
+    mode: str
+    path: Optional[str] = None
+
+    @classmethod
+    def parse(cls, value: str) -> "ResumeRequest":
+        if value in ("auto", "never"):
+            return cls(value)
+        return cls("path", os.path.abspath(value.rstrip("/")))
+
 
 @dataclass
 class TasksConfig:

@@ -83,6 +83,7 @@ class Run:
     loss: LossSpec  # the loss settings (also held by the student wrapper, which computes the loss)
     state: checkpoint.ResumeState
     ckpt_root: str
+    precision: str  # train.precision resolved for this device (engines.resolve_precision): fp32, bf16 or fp16
     vocab_message: str = ""
     teacher_eval_cache: Optional[evaluate.TeacherCache] = None  # filled by the first eval, reused after
 
@@ -112,7 +113,7 @@ def check_output_dir(cfg: DistillConfig, rank: int) -> bool:
     ckpt_root = os.path.join(out, "checkpoints")
     latest = checkpoint.find_latest(ckpt_root)
     fix = "choose a new output_dir, or set overwrite_output_dir: true to replace it"
-    if latest and cfg.checkpoint.resume != "never":  # auto, or an explicit path into this output_dir
+    if latest and cfg.checkpoint.resume_request.mode != "never":  # auto, or an explicit path into this output_dir
         saved = ((checkpoint.read_resume_json(latest) or {}).get("extra") or {}).get("run") or {}
         diffs = [f"{k}: {saved[k]!r} there, {v!r} now" for k, v in run_identity(cfg).items()
                  if k in saved and saved[k] != v]
@@ -243,7 +244,7 @@ def resume_state(cfg: DistillConfig, student_engine, *, rank: int, world: int, o
     state = checkpoint.ResumeState()
     notices: list[str] = []
     resume_from = None if overwrite else checkpoint.select_resume(  # a fallback's notice is printed at once
-        ckpt_root, cfg.checkpoint.resume, lambda m: rank == 0 and print(m, file=sys.stderr, flush=True))
+        ckpt_root, cfg.checkpoint.resume_request, lambda m: rank == 0 and print(m, file=sys.stderr, flush=True))
     if resume_from:
         state = checkpoint.load(student_engine, resume_from, world)
         moved = checkpoint.set_aside_after(ckpt_root, resume_from) if rank == 0 else []
@@ -398,7 +399,8 @@ def build(cfg: DistillConfig) -> Run:
     state.extra["schedule"] = schedule_settings(cfg)
     run = Run(cfg=cfg, rank=rank, world_size=world, tokenizer=tokenizer, student_engine=student_engine,
               teacher=source, stream=stream, eval_dataset=eval_ds, loss=loss_spec, state=state,
-              ckpt_root=os.path.join(cfg.output_dir, "checkpoints"), vocab_message=vocab_message)
+              ckpt_root=os.path.join(cfg.output_dir, "checkpoints"), precision=precision,
+              vocab_message=vocab_message)
     if resume_from:
         run.vocab_message += f"\nresumed from {resume_from} at step {state.step}"
     for m in notices:
@@ -448,7 +450,7 @@ def probe_heads(run: Run, mb: dict) -> dict:
             if engine is not None:
                 engines.forget_forward_trace(engine)
     worst = engines.all_reduce_max(torch.stack(diffs).double())  # [models, 2]
-    tol = PROBE_TOLERANCE[engines.resolve_precision(cfg.train.precision)]
+    tol = PROBE_TOLERANCE[run.precision]
     named = [("student", cfg.student.path, eng.module.model, eng.module.head)] + (
         [("teacher", cfg.teacher.path, teacher.module.model, teacher.module.head)] if teacher is not None else [])
     for (role, path, model, head), (rel, absolute) in zip(named, worst.tolist()):
@@ -699,7 +701,7 @@ def write_generations(run: Run) -> Optional[str]:
             ("student before", cfg.student.path), ("student after", os.path.join(cfg.output_dir, "final"))]
         rows = evaluate.side_by_side(names, prompts, run.tokenizer, temperatures=E.temperatures, seed=E.seed,
                                      max_new_tokens=E.max_new_tokens, device=engines.device(),
-                                     dtype=engines.torch_dtype(engines.resolve_precision(cfg.train.precision)))
+                                     dtype=engines.torch_dtype(run.precision))
         evaluate.write_generations_md(rows, path, title=f"Generations: {os.path.basename(cfg.output_dir)}")
     engines.barrier()
     return path
@@ -724,7 +726,7 @@ def run_task_evals(run: Run, tracker: Tracker) -> Optional[dict]:
         os.makedirs(out_dir, exist_ok=True)
         results = tasks.evaluate_models([(TASK_MODEL_NAMES[m], paths[m]) for m in T.models], T, out_dir=out_dir,
                                         device=engines.device(),
-                                        dtype=engines.torch_dtype(engines.resolve_precision(cfg.train.precision)),
+                                        dtype=engines.torch_dtype(run.precision),
                                         tokenizer_path=cfg.tokenizer_path, log=tracker.message)
         with open(os.path.join(out_dir, "tasks.json"), "w") as f:
             json.dump({"results": results, "options": dataclasses.asdict(T)}, f, indent=1)
@@ -750,8 +752,7 @@ def train(run: Run, tracker: Tracker, watchdog: Optional[guards.Watchdog] = None
                              deepspeed_discards_nonfinite=hasattr(eng.optimizer, "overflow"),
                              device=engines.device(), all_reduce_sum=engines.all_reduce_sum,
                              skipped_steps=run.state.skipped_steps, watchdog=watchdog)
-    guards.validate_mode(cfg.train.nonfinite, guard.discards, cfg.train.zero_stage,
-                         engines.resolve_precision(cfg.train.precision))
+    guards.validate_mode(cfg.train.nonfinite, guard.discards, cfg.train.zero_stage, run.precision)
     nan_hook = faults.nan_hook(lambda: guard.step, run.rank)
     hook_handle = eng.module.register_forward_hook(nan_hook) if nan_hook else None
     if run.vocab_message:
