@@ -110,10 +110,8 @@ def chunk_layout(layout: str = "auto") -> str:
     "auto" is token_major on every device: no copies, the element-wise slabs work in place on the logits' rows.
     vocab_major (loss.layout) is a CPU option: there the [V, H] x [H, c] GEMM can run faster than [c, H] x [H, V]
     and, at c <= 128, MKL does not keep a chunk-sized buffer for it, but every slab's token columns must be copied
-    into contiguous rows and the gradient written back. Which wins depends on the CPU and the model's hidden size:
-    on the 2026-11-24 machine vocab_major was the faster loss at small chunks; on the 2026-12-03 machine
-    token_major was faster at every size measured (5% at hidden 1024/2560, chunk 128; 27% at the trainer
-    benchmark's hidden 256/512), so auto stays with the simpler layout (docs/BENCHMARKS.md, "KD loss").
+    into contiguous rows and the gradient written back. Which wins depends on the CPU and the model's hidden size
+    (measurements on two machines disagreed: docs/BENCHMARKS.md, "KD loss"), so auto stays with the simpler layout.
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout={layout!r}: expected one of {LAYOUTS}")
@@ -754,7 +752,6 @@ def _dense_slab(s: Tensor, t: Tensor, lab: Tensor, o: _Opts, w: Tensor) -> Tenso
         if div == "jsd":
             b = o.beta
             # log m = logsumexp(log p + log b, log q + log(1 - b)): exact for a tiny b, where log(b p + (1 - b) q)
-            # of the probabilities loses the b p term to rounding
             # of the probabilities loses the b p term to rounding. Both KLs are row dot products of log-ratios (not
             # -H - <x, log m>, whose two terms of size log V cancel to a KL of size ~b)
             log_qm = _log_mix_into(log_p, log_q, b, w[4], w[5]).neg_().add_(log_q)  # log q - log m
@@ -904,7 +901,7 @@ _RECOMPILE_LIMIT = 64
 
 
 class CompiledLossError(RuntimeError):
-    """torch.compile could not build or run the compiled slab function on this machine."""
+    """torch.compile could not build or run the compiled slab function on this device."""
 
 
 def compiled_slabs(o: _Opts):

@@ -95,7 +95,7 @@ def data_fingerprint(dataset) -> str:
     """sha256 of (sample_id, length, token ids) of every sample in dataset order, as int64/int32 bytes.
 
     It is what the cached rows depend on: the files, format, text_field, chat template, tokenizer and max_length all
-    act only through these ids. Reads Arrow buffers in batches (about 1.5 s per 10^8 tokens on this CPU).
+    act only through these ids. Reads Arrow buffers in batches (its cost: docs/BENCHMARKS.md, "Offline teacher").
     """
     import pyarrow as pa
 
