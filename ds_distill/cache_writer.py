@@ -57,26 +57,51 @@ def write_cache(cfg, cache_dir: str, *, top_k: int, dtype: str = "fp16", micro_b
     if not 0 < top_k <= vocab_size:
         raise DistillError(f"--top_k: {top_k} must be in [1, {vocab_size}] (the real vocabulary size)")
     train_ds, _ = assembly.datasets(cfg, tokenizer)
-    sids = train_ds["sample_id"]
-    lengths = _lengths(train_ds)
-    expected = {sid: n - 1 for sid, n in zip(sids, lengths)}
-    value_bytes = torch.finfo(DTYPES[dtype]).bits // 8
+    expected = {sid: n - 1 for sid, n in zip(train_ds["sample_id"], _lengths(train_ds))}
+    manifest = {
+        "format": FORMAT, "version": VERSION, "complete": False, "top_k": top_k,
+        "temperature": float(cfg.loss.temperature),
+        "dtype": dtype, "ids_dtype": "int32", "bytes_per_token": top_k * (4 + torch.finfo(DTYPES[dtype]).bits // 8),
+        "vocab_size": vocab_size, "teacher_vocab_rows": t_rows, "max_length": cfg.data.max_length,
+        "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer), "data_fingerprint": data_fingerprint(train_ds),
+        "teacher_fingerprint": teacher_fingerprint(cfg.teacher.path),
+        "teacher_path": os.path.abspath(cfg.teacher.path),
+        "data": {"train_files": [os.path.abspath(f) for f in cfg.data.train_files], "format": cfg.data.format,
+                 "text_field": cfg.data.text_field},
+        "num_samples": len(expected), "num_positions": sum(expected.values()),
+    } if rank == 0 else None
+    decision = _decide(cache_dir, manifest, rank)
+    if "complete" in decision:
+        if rank == 0:
+            print(f"[cache_teacher] {cache_dir} is already complete; nothing to do", flush=True)
+        return decision["complete"]
+    manifest = decision["write"]
 
-    # --- rank 0 decides: new cache, resume, already complete, or refuse (another run's cache in the directory)
+    # --- what is left: every rank reads the same shard indexes, so all agree on the plan
+    done = cached_sample_ids(cache_dir)
+    sids = train_ds["sample_id"]
+    todo = sorted((sid for sid in sids if sid not in done), key=lambda s: (-expected[s], s))
+    n_batches = -(-len(todo[0::world]) // mb) if todo else 0
+    if rank == 0:
+        print(f"[cache_teacher] {len(done)} of {len(sids)} samples already cached"
+              + (f" ({decision['removed']} partial files removed)" if decision["removed"] else "")
+              + f"; {len(todo)} to compute in {n_batches} batches x {world} ranks", flush=True)
+    compute_s = 0.0
+    if n_batches:
+        engine, _ = assembly.teacher_engine(cfg, sharding="zero3", world=world, micro_batch_size=mb,
+                                            precision=engines.resolve_precision(cfg.train.precision),
+                                            expect_rows=t_rows)
+        compute_s = _compute(engine, cfg, cache_dir, manifest, train_ds, todo[rank::world], n_batches, mb,
+                             tokenizer.pad_token_id, rank, dtype, shard_positions)
+    engines.barrier()
+    return _finish(cache_dir, manifest, expected, rank, compute_s=compute_s, samples=len(todo))
+
+
+def _decide(cache_dir: str, manifest: Optional[dict], rank: int) -> dict:
+    """Collective. Rank 0 decides from the directory: a new cache, resume a partial one, already complete, or
+    refuse (shards without a manifest, another run's cache); every rank gets the decision (or the error)."""
     decision: object = None
     if rank == 0:
-        manifest = {
-            "format": FORMAT, "version": VERSION, "complete": False, "top_k": top_k,
-            "temperature": float(cfg.loss.temperature),
-            "dtype": dtype, "ids_dtype": "int32", "bytes_per_token": top_k * (4 + value_bytes),
-            "vocab_size": vocab_size, "teacher_vocab_rows": t_rows, "max_length": cfg.data.max_length,
-            "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer), "data_fingerprint": data_fingerprint(train_ds),
-            "teacher_fingerprint": teacher_fingerprint(cfg.teacher.path),
-            "teacher_path": os.path.abspath(cfg.teacher.path),
-            "data": {"train_files": [os.path.abspath(f) for f in cfg.data.train_files], "format": cfg.data.format,
-                     "text_field": cfg.data.text_field},
-            "num_samples": len(expected), "num_positions": sum(expected.values()),
-        }
         old = read_manifest(cache_dir)
         diffs = manifest_differences(old, manifest) if old is not None else []
         if old is None and shard_paths(cache_dir):
@@ -94,67 +119,53 @@ def write_cache(cfg, cache_dir: str, *, top_k: int, dtype: str = "fp16", micro_b
     decision = engines.broadcast_object(decision)
     if "error" in decision:
         raise DistillError(decision["error"])
-    if "complete" in decision:
-        if rank == 0:
-            print(f"[cache_teacher] {cache_dir} is already complete; nothing to do", flush=True)
-        return decision["complete"]
-    manifest = decision["write"]
+    return decision
 
-    # --- what is left: every rank reads the same shard indexes, so all agree on the plan
-    done = cached_sample_ids(cache_dir)
-    row_of = {sid: i for i, sid in enumerate(sids)}
-    todo = sorted((sid for sid in sids if sid not in done), key=lambda s: (-expected[s], s))
-    mine = todo[rank::world]
-    n_batches = -(-len(todo[0::world]) // mb) if todo else 0
-    if rank == 0:
-        print(f"[cache_teacher] {len(done)} of {len(sids)} samples already cached"
-              + (f" ({decision['removed']} partial files removed)" if decision["removed"] else "")
-              + f"; {len(todo)} to compute in {n_batches} batches x {world} ranks", flush=True)
 
-    compute_s = 0.0
-    if n_batches:
-        engine, _ = assembly.teacher_engine(cfg, sharding="zero3", world=world, micro_batch_size=mb,
-                                            precision=engines.resolve_precision(cfg.train.precision),
-                                            expect_rows=t_rows)
-        writer = ShardWriter(cache_dir, rank, dtype, shard_positions)
-        dev = engines.device()
-        pad = tokenizer.pad_token_id
-        t0 = time.time()
-        for b in range(n_batches):
-            chunk = mine[b * mb:(b + 1) * mb]
-            if chunk:
-                rows = train_ds[[row_of[s] for s in chunk]]
-                batch = data.collate([{"input_ids": i, "labels": lab, "sample_id": s} for i, lab, s in
-                                      zip(rows["input_ids"], rows["labels"], rows["sample_id"])], pad)
-            else:  # this rank is out of samples: a one-token forward keeps ZeRO-3's collectives matched
-                batch = {"input_ids": torch.full((1, 1), pad), "attention_mask": torch.ones((1, 1), dtype=torch.long),
-                         "sample_ids": torch.full((1,), -1)}
-            am = batch["attention_mask"].to(dev)
-            with torch.no_grad():
-                hidden = engine(batch["input_ids"].to(dev), am)  # [B, S, H]
-                valid = am[:, 1:].bool()  # [B, S-1]: positions 0..len-2 of each sample
-                h = hidden[:, :-1][valid]  # [P, H], sample by sample
-                head = engine.module.head
-                with engines.gathered(head.params()):
-                    ids, lps = topk_logprobs(h, head.weight, bias=head.bias, transform=head.transform,
-                                             vocab_size=vocab_size, k=top_k, temperature=manifest["temperature"],
-                                             chunk_size=cfg.loss.chunk_size)
-            start = 0
-            for sid, n in zip(batch["sample_ids"].tolist(), (am.sum(1) - 1).tolist()):
-                if sid >= 0:
-                    writer.add(sid, ids[start:start + n], lps[start:start + n])
-                start += n
-            faults.cache_stop(b + 1, os.path.join(writer.dir, f"{writer.prefix}-{writer.seq:06d}.safetensors.tmp"),
-                              rank)
-            if rank == 0 and ((b + 1) % 50 == 0 or b + 1 == n_batches):
-                dt = time.time() - t0
-                print(f"[cache_teacher] batch {b + 1}/{n_batches}: {writer.samples_written + len(writer._sids)} "
-                      f"samples on rank 0, {dt:.0f} s", flush=True)
-        writer.flush()
-        compute_s = time.time() - t0
-    engines.barrier()
+def _compute(engine, cfg, cache_dir: str, manifest: dict, train_ds, mine: list[int], n_batches: int, mb: int,
+             pad: int, rank: int, dtype: str, shard_positions: int) -> float:
+    """This rank's samples (`mine`, longest first) through the teacher, `n_batches` forwards on every rank; their
+    top-k rows written as shards. Returns the seconds spent."""
+    row_of = {sid: i for i, sid in enumerate(train_ds["sample_id"])}
+    writer = ShardWriter(cache_dir, rank, dtype, shard_positions)
+    dev = engines.device()
+    head = engine.module.head
+    t0 = time.time()
+    for b in range(n_batches):
+        chunk = mine[b * mb:(b + 1) * mb]
+        if chunk:
+            rows = train_ds[[row_of[s] for s in chunk]]
+            batch = data.collate([{"input_ids": i, "labels": lab, "sample_id": s} for i, lab, s in
+                                  zip(rows["input_ids"], rows["labels"], rows["sample_id"])], pad)
+        else:  # this rank is out of samples: a one-token forward keeps ZeRO-3's collectives matched
+            batch = {"input_ids": torch.full((1, 1), pad), "attention_mask": torch.ones((1, 1), dtype=torch.long),
+                     "sample_ids": torch.full((1,), -1)}
+        am = batch["attention_mask"].to(dev)
+        with torch.no_grad():
+            hidden = engine(batch["input_ids"].to(dev), am)  # [B, S, H]
+            h = hidden[:, :-1][am[:, 1:].bool()]  # [P, H]: positions 0..len-2 of each sample, sample by sample
+            with engines.gathered(head.params()):
+                ids, lps = topk_logprobs(h, head.weight, bias=head.bias, transform=head.transform,
+                                         vocab_size=manifest["vocab_size"], k=manifest["top_k"],
+                                         temperature=manifest["temperature"], chunk_size=cfg.loss.chunk_size)
+        start = 0
+        for sid, n in zip(batch["sample_ids"].tolist(), (am.sum(1) - 1).tolist()):
+            if sid >= 0:
+                writer.add(sid, ids[start:start + n], lps[start:start + n])
+            start += n
+        faults.cache_stop(b + 1, os.path.join(writer.dir, f"{writer.prefix}-{writer.seq:06d}.safetensors.tmp"),
+                          rank)
+        if rank == 0 and ((b + 1) % 50 == 0 or b + 1 == n_batches):
+            print(f"[cache_teacher] batch {b + 1}/{n_batches}: {writer.samples_written + len(writer._sids)} "
+                  f"samples on rank 0, {time.time() - t0:.0f} s", flush=True)
+    writer.flush()
+    return time.time() - t0
 
-    # --- rank 0 checks every sample is there exactly once, writes the index, marks the cache complete
+
+def _finish(cache_dir: str, manifest: dict, expected: dict[int, int], rank: int, *, compute_s: float,
+            samples: int) -> dict:
+    """Collective. Rank 0 checks every sample is there exactly once, writes the index and marks the cache
+    complete; every rank returns the final manifest (or raises the error)."""
     final: object = None
     if rank == 0:
         try:
@@ -164,12 +175,13 @@ def write_cache(cfg, cache_dir: str, *, top_k: int, dtype: str = "fp16", micro_b
     if rank == 0 and final is None:
         manifest = dict(manifest, complete=True,
                         bytes_on_disk=sum(os.path.getsize(p) for p in shard_paths(cache_dir)),
-                        seconds_last_run=round(compute_s, 3), samples_last_run=len(todo))  # forwards + writes
+                        seconds_last_run=round(compute_s, 3), samples_last_run=samples)  # forwards + writes
         write_manifest(cache_dir, manifest)
         final = {"manifest": manifest}
         print(f"[cache_teacher] done: {manifest['num_samples']} samples, {manifest['num_positions']} positions, "
-              f"k={top_k} {dtype}, {manifest['bytes_per_token']} B/token, {manifest['bytes_on_disk'] / 2**20:.1f} "
-              f"MiB in {len(shard_paths(cache_dir))} shards -> {cache_dir}", flush=True)
+              f"k={manifest['top_k']} {manifest['dtype']}, {manifest['bytes_per_token']} B/token, "
+              f"{manifest['bytes_on_disk'] / 2**20:.1f} MiB in {len(shard_paths(cache_dir))} shards -> {cache_dir}",
+              flush=True)
     final = engines.broadcast_object(final)
     if "error" in final:
         raise DistillError(final["error"])

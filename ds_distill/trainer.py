@@ -318,6 +318,9 @@ def build(cfg: DistillConfig) -> Run:
 
     # --- data: each rank its own shard
     train_ds, eval_ds = assembly.datasets(cfg, tokenizer)
+    if len(train_ds) < world:  # every rank raises it (the stream would fail on some only)
+        raise data.DataError(f"data.train_files: {len(train_ds)} usable training samples cannot feed {world} ranks "
+                             "-> add data or use fewer ranks")
 
     # --- offline teacher: checked against this run's tokenizer and data before any model loads
     topk_cache = None
@@ -385,9 +388,6 @@ def build(cfg: DistillConfig) -> Run:
     # --- resume
     state, resume_from, notices = resume_state(cfg, student_engine, rank=rank, world=world,
                                                overwrite=overwrite)
-    if len(train_ds) < world:  # checked here so that every rank raises it (the stream would fail on some only)
-        raise data.DataError(f"data.train_files: {len(train_ds)} usable training samples cannot feed {world} ranks "
-                             "-> add data or use fewer ranks")
     stream = data.MicroBatchStream(train_ds, rank=rank, world_size=world, micro_batch_size=T.micro_batch_size,
                                    seed=T.seed, pad_token_id=tokenizer.pad_token_id,
                                    samples_consumed=state.samples_consumed,
