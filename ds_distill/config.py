@@ -421,6 +421,9 @@ def validate(cfg: DistillConfig, world_size: Optional[int] = None) -> None:
     if cfg.teacher.cache is not None and D.packing:
         p.append("data.packing: true cannot be used with teacher.cache (the cache's rows are per unpacked sample) "
                  "-> set data.packing: false")
+    if T.nonfinite == "skip" and T.zero_stage == 0 and T.precision == "fp32":  # (auto: checked once resolved)
+        p.append("train.nonfinite: 'skip' needs an optimizer that discards non-finite updates; ZeRO-0 in fp32 has "
+                 "none -> use train.zero_stage >= 1, or train.nonfinite: abort")
     if cfg.teacher.cache is not None and L.impl != "topk":
         p.append(f"loss.impl: '{L.impl}' cannot use teacher.cache (it holds only the top-k) -> set loss.impl: topk")
     if L.temperature <= 0:

@@ -70,6 +70,7 @@ def test_unknown_key_in_yaml_is_an_error(tmp_path, base_yaml):
     ({"checkpoint": {"keep_last": 0}}, "checkpoint.keep_last"),
     ({"checkpoint": {"resume": "/nonexistent/ckpt"}}, "checkpoint.resume"),
     ({"eval": {"every_steps": 5}, "data": {"eval_files": []}}, "eval.every_steps"),
+    ({"train": {"nonfinite": "skip", "zero_stage": 0, "precision": "fp32"}}, "train.nonfinite"),
 ])
 def test_validate_names_each_key(base_yaml, override, key):
     cfg = parse_config(["--config", base_yaml])
