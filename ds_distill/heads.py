@@ -42,10 +42,6 @@ class HeadTransform:
         if self.softcap is not None and not (math.isfinite(self.softcap) and self.softcap > 0):
             raise ValueError(f"HeadTransform.softcap={self.softcap} must be a positive number or None")
 
-    @property
-    def is_identity(self) -> bool:
-        return self.scale == 1.0 and self.softcap is None
-
     def __call__(self, raw: Tensor) -> Tensor:
         """z from raw logits, out of place and differentiable (the reference path)."""
         z = raw * self.scale if self.scale != 1.0 else raw

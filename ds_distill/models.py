@@ -117,10 +117,6 @@ class TeacherHidden(nn.Module):
         self.model = model
 
     @property
-    def lm_head_weight(self) -> nn.Parameter:
-        return _lm_head(self.model).weight
-
-    @property
     def head(self) -> heads.Head:
         """weight, bias, transform (partitioned under ZeRO-3: gather head.params() before reading them)."""
         return heads.of_model(self.model)
@@ -169,10 +165,6 @@ class StudentWithLoss(nn.Module):
     @property
     def hf_model(self) -> nn.Module:
         return self.model
-
-    @property
-    def lm_head_weight(self) -> nn.Parameter:
-        return _lm_head(self.model).weight
 
     def forward(self, input_ids, attention_mask, labels=None, teacher_hidden=None, teacher_weight=None,
                 teacher_topk=None, hidden_only: bool = False, teacher_bias=None, probe: bool = False, keep=None,

@@ -96,10 +96,6 @@ class Outcome:
     isolation: dict = field(default_factory=dict)
     """Which protections were in place (ISOLATION_KEYS -> bool) and errors met while setting them up."""
 
-    @property
-    def passed(self) -> bool:
-        return self.status == "passed"
-
 
 def missing_isolation(outcome: Outcome) -> list[str]:
     """The ISOLATION_KEYS that were not in place for this run ([] = the full sandbox)."""
