@@ -36,6 +36,10 @@ from conftest import ROOT, deepspeed_bin, free_port, read_jsonl, tiny_config, wr
 # ----------------------------------------------------------------------------------------------------------------
 
 
+# a failing run ends in a start-up plus seconds; without the fix it waits for the 1800 s watchdog. The bound leaves
+# room for a loaded machine (start-up of two ranks takes 20 s idle, over 60 s with other jobs on the same 2 cores).
+PROMPT_EXIT_S = 150
+
 def _launch(args: list[str], log: Path, env_extra: dict | None = None) -> subprocess.Popen:
     env = dict(os.environ)
     env.update({"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true"})
@@ -132,7 +136,7 @@ def test_launcher_sigterm_then_truncated_shard_then_rank_local_error(tiny_assets
     took = time.monotonic() - t0
     log = (tmp_path / "l2.log").read_text()
     assert rc == 2, log[-3000:]
-    assert took < 60, took
+    assert took < PROMPT_EXIT_S, took
     errors = [line for line in log.splitlines() if line.startswith("[ds_distill] error:")]
     assert len(errors) == 1 and shard.name in errors[0] and "truncated" in errors[0], log[-3000:]
 
@@ -147,7 +151,7 @@ def test_launcher_sigterm_then_truncated_shard_then_rank_local_error(tiny_assets
         _kill_group(proc)
     took = time.monotonic() - t0
     log = (tmp_path / "l3.log").read_text()
-    assert rc != 0 and took < 60, (rc, took, log[-3000:])
+    assert rc != 0 and took < PROMPT_EXIT_S, (rc, took, log[-3000:])
     assert f"checkpoint {last_ckpt} is unusable" in log and shard.name in log and "falling back" in log, log[-3000:]
     assert f"resumed from {ckpts / previous} at step {fallback_step}" in log, log[-3000:]
     own = log.index(f"[ds_distill] error: rank 1/2: test fault error@{fallback_step + 1} on rank 1")
