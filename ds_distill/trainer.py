@@ -20,7 +20,7 @@ from typing import Optional
 
 import torch
 
-from . import checkpoint, data, engines, guards, lora, models, teacher_cache, teachers, vocab
+from . import checkpoint, data, engines, guards, lora, models, served_teacher, teacher_cache, teachers, vocab
 from .config import DistillConfig, to_dict, validate
 from .errors import ConfigError, DistillError, ModelError, NonFiniteError
 from .losses import LossSpec
@@ -280,6 +280,12 @@ def build(cfg: DistillConfig) -> Run:
         topk_cache.verify(tokenizer_fp=teacher_cache.tokenizer_fingerprint(tokenizer),
                           data_fp=teacher_cache.data_fingerprint(train_ds), max_length=cfg.data.max_length,
                           top_k=cfg.loss.top_k, temperature=cfg.loss.temperature)
+    # --- served teacher (issue 16): its identity checked against this run's tokenizer before any model loads
+    served = None
+    if cfg.teacher.server_url and cfg.loss.alpha > 0:
+        served = served_teacher.build(cfg, rank)
+        served_message = served.verify(tokenizer=tokenizer, tokenizer_fp=teacher_cache.tokenizer_fingerprint(tokenizer),
+                                       max_length=cfg.data.max_length, temperature=cfg.loss.temperature)
 
     # --- student engine (loaded straight into ZeRO-3 shards at stage 3)
     student_ds = engines.student_ds_config(
@@ -350,7 +356,11 @@ def build(cfg: DistillConfig) -> Run:
         topk_cache.check_vocab_size(vocab_size)
         vocab_message += "\n" + topk_cache.describe()
 
-    if topk_cache is not None:
+    if served is not None:  # issue 16
+        served.check_vocab_size(vocab_size)
+        vocab_message += "\n" + served_message
+        source = served
+    elif topk_cache is not None:
         source = teachers.CachedTeacher(topk_cache)
     elif teacher_engine is not None:
         source = teachers.EngineTeacher(teacher_engine, sharding)
@@ -792,8 +802,14 @@ def train(run: Run, tracker: Tracker, watchdog: Optional[guards.Watchdog] = None
         else:
             pos_before, rng_before = run.stream.samples_consumed, checkpoint.rng_state()
             micro_batches = [next(run.stream) for _ in range(cfg.train.grad_accum_steps)]
-        sums = train_step(run, micro_batches, guard=guard, before_step=None if guard.discards else
-                          lambda _: guard.check_grads(eng.module.parameters()))
+        try:
+            sums = train_step(run, micro_batches, guard=guard, before_step=None if guard.discards else
+                              lambda _: guard.check_grads(eng.module.parameters()))
+        except served_teacher.TeacherUnavailable as e:  # raised on every rank before any forward of this step:
+            run.stream.samples_consumed = pos_before  # the weights are the last step's; keep them (issue 16)
+            path = save_checkpoint(run, rng=rng_before)
+            raise served_teacher.TeacherUnavailable(f"{e}. The last completed step {run.state.step} is saved in "
+                                                    f"{path}") from None
         try:
             skipped = guard.after_step(eng.was_step_applied(), fp16=eng.fp16_enabled())
         except NonFiniteError as e:  # the weights are still those of step - 1: checkpoint them, then stop

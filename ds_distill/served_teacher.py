@@ -1,0 +1,329 @@
+"""Served teacher (teacher.server_url): the teacher's top-k log-probs per position, asked of an HTTP server.
+
+The protocol is vLLM's OpenAI-compatible completions endpoint with prompt log-probabilities, so that a vLLM server
+on GPUs can be the teacher; `launch/serve_teacher.py` (ds_distill/teacher_server.py) serves a HF teacher the same
+way. One request per step and rank carries every sample of the step's micro-batches:
+
+    POST <url>/v1/completions
+        {"model": M, "prompt": [[ids of sample 1], [ids of sample 2], ...], "max_tokens": 1, "prompt_logprobs": k}
+    -> {"choices": [{"index": i, "prompt_logprobs": [null, {"<id>": {"logprob": x, "rank": r, ...}, ...}, ...]},
+                    ...]}
+
+`prompt_logprobs[t]` (t >= 1) is the teacher's distribution of the token at t given the tokens before it: the k
+entries of rank 1..k (vLLM adds the prompt's own token at t with its rank when that is not among them; it is
+dropped here). Row t of the loss (aligned with labels[:, 1:]) is therefore `prompt_logprobs[t + 1]`. The log-probs
+are normalised over the teacher's whole vocabulary, so the tail mass is 1 - sum(exp(top-k)).
+
+Identity, checked before the first step (as the offline cache's manifest is): the server's
+`GET /v1/ds_distill/manifest` reports its tokenizer fingerprint, max_length, the largest k it serves, the
+temperature its log-probs are at, and the vocabulary size; each must match the run (a DistillError names the key).
+A server without that endpoint (vLLM) is checked as far as its API allows: `GET /v1/models` (max_model_len),
+`POST /tokenize` of a probe text (the tokenizer gives the same ids), and loss.temperature must be 1, because vLLM's
+prompt log-probs are computed from the raw logits whatever the request's temperature (README: 'Served teacher').
+
+Failures: every request has a timeout (teacher.server_timeout_s) and is retried on connection errors, timeouts and
+HTTP 429/5xx with exponential backoff (teacher.server_backoff_s, doubled each time, teacher.server_retries times).
+Other HTTP errors (400: a prompt too long, k above the server's limit) stop at once with the server's message. When
+the retries run out, all ranks learn it in the same collective and raise `TeacherUnavailable` together; the trainer
+then checkpoints the last completed step and the run exits with code 2.
+"""
+from __future__ import annotations
+
+import http.client
+import json
+import math
+import socket
+import sys
+import time
+import urllib.error
+import urllib.request
+from typing import Optional
+
+import torch
+
+from . import engines, teachers
+from .errors import DistillError
+
+FORMAT = "ds_distill.served_teacher"
+VERSION = 1
+MANIFEST_PATH = "/v1/ds_distill/manifest"
+COMPLETIONS_PATH = "/v1/completions"
+MODELS_PATH = "/v1/models"
+TOKENIZE_PATH = "/tokenize"
+RETRY_STATUS = (408, 429, 500, 502, 503, 504)
+# a server without the manifest endpoint is checked by tokenizing this text on both sides (letters, digits, spaces,
+# punctuation, a newline: what distinguishes two BPE vocabularies quickly)
+PROBE_TEXT = "Distillation check: The quick brown fox jumps over 13 lazy dogs.\nres = f(x) + 42 # done"
+# vLLM reports an impossible log-prob as -inf (JSON null or -Infinity): stored as this floor, as its echo path does
+LOGPROB_FLOOR = -9999.0
+
+
+class TeacherUnavailable(DistillError):
+    """The teacher server did not answer within its retries; every rank raises it from one collective decision."""
+    shared = True
+
+
+class ServerRefused(DistillError):
+    """The server answered a request with an error that a retry cannot fix (HTTP 4xx other than 408 / 429)."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The protocol (pure functions: what is posted, how an answer is read)
+# ----------------------------------------------------------------------------------------------------------------
+
+def completions_request(model: Optional[str], prompts: list[list[int]], k: int) -> dict:
+    """The /v1/completions body asking for the top-k prompt log-probs of each prompt (token ids, no text).
+
+    max_tokens 1: vLLM generates at least one token (the answer's text and `logprobs` are ignored here)."""
+    body = {"prompt": prompts, "max_tokens": 1, "prompt_logprobs": k}
+    if model is not None:
+        body["model"] = model
+    return body
+
+
+def parse_prompt_logprobs(entries: list, n_tokens: int, k: int, where: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """One choice's `prompt_logprobs` -> ids [n-1, k] int64 and log-probs [n-1, k] fp32, sorted by rank: row t is the
+    distribution of token t + 1 (entries[t + 1]). Keys are token ids as JSON strings; each value holds `logprob` and
+    `rank` (1 = most likely). Entries of rank above k (vLLM's prompt token) are dropped."""
+    if not isinstance(entries, list) or len(entries) != n_tokens:
+        got = len(entries) if isinstance(entries, list) else type(entries).__name__
+        raise DistillError(f"teacher.server_url: {where}: prompt_logprobs holds {got} positions for a prompt of "
+                           f"{n_tokens} tokens -> the server does not speak the completions protocol with "
+                           "prompt_logprobs (README: 'Served teacher')")
+    rows = max(n_tokens - 1, 0)
+    ids = torch.empty((rows, k), dtype=torch.int64)
+    lps = torch.empty((rows, k), dtype=torch.float32)
+    for t in range(rows):
+        pos = entries[t + 1]
+        top = sorted(((int(v["rank"]), int(tok), v["logprob"]) for tok, v in (pos or {}).items()
+                      if v.get("rank") is not None and int(v["rank"]) <= k))
+        if len(top) != k:
+            raise DistillError(f"teacher.server_url: {where}, position {t + 1}: {len(top)} entries of rank 1..{k}, "
+                               f"expected {k} -> the server returned fewer log-probs than prompt_logprobs asked "
+                               "for (vLLM: start it with --max-logprobs >= loss.top_k)")
+        ids[t] = torch.tensor([i for _, i, _ in top])
+        lps[t] = torch.tensor([LOGPROB_FLOOR if lp is None else max(float(lp), LOGPROB_FLOOR) for _, _, lp in top])
+    return ids, lps
+
+
+def identity_differences(server: dict, run: dict) -> list[str]:
+    """'key: server X, run Y' for every identity field on which the served teacher cannot serve this run."""
+    out = []
+    if server.get("format") != FORMAT or server.get("version") != VERSION:
+        out.append(f"format: server {server.get('format')!r} v{server.get('version')}, run {FORMAT!r} v{VERSION}")
+    if server.get("tokenizer_fingerprint") != run["tokenizer_fingerprint"]:
+        out.append(f"tokenizer_fingerprint: server {_short(server.get('tokenizer_fingerprint'))}, run "
+                   f"{_short(run['tokenizer_fingerprint'])} (tokenizer_path)")
+    if not isinstance(server.get("max_length"), int) or server["max_length"] < run["max_length"]:
+        out.append(f"max_length: server {server.get('max_length')}, run data.max_length {run['max_length']} "
+                   "(the server must accept prompts that long)")
+    if not isinstance(server.get("top_k"), int) or server["top_k"] < run["top_k"]:
+        out.append(f"top_k: server at most {server.get('top_k')}, run loss.top_k {run['top_k']}")
+    if not (isinstance(server.get("temperature"), (int, float))
+            and math.isclose(float(server["temperature"]), run["temperature"], rel_tol=1e-9)):
+        out.append(f"temperature: server {server.get('temperature')}, run loss.temperature {run['temperature']}")
+    return out
+
+
+def _short(fp) -> str:
+    return str(fp)[:19] if fp else str(fp)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The client: timeouts, retries with backoff
+# ----------------------------------------------------------------------------------------------------------------
+
+class TeacherClient:
+    """JSON over HTTP to one teacher server, every request with a timeout and retries (module docstring)."""
+
+    def __init__(self, url: str, *, timeout_s: float, retries: int, backoff_s: float, rank: int = 0):
+        self.url = url.rstrip("/")
+        self.timeout_s, self.retries, self.backoff_s, self.rank = timeout_s, retries, backoff_s, rank
+        self.retried = 0  # retries made so far (logged; a test checks an injected fault was retried)
+
+    def request(self, path: str, body: Optional[dict] = None) -> dict:
+        """GET (body None) or POST `path`; the decoded JSON answer. Raises ServerRefused for a non-retryable HTTP
+        error (its `status` attribute holds the code), TeacherUnavailable when the retries run out."""
+        data = None if body is None else json.dumps(body).encode()
+        last = ""
+        for attempt in range(self.retries + 1):
+            if attempt:
+                wait = self.backoff_s * 2 ** (attempt - 1)
+                print(f"[ds_distill] rank {self.rank}: teacher server {self.url}{path}: {last}; retry {attempt} of "
+                      f"{self.retries} in {wait:g} s", file=sys.stderr, flush=True)
+                self.retried += 1
+                time.sleep(wait)
+            req = urllib.request.Request(self.url + path, data=data, method="GET" if data is None else "POST",
+                                         headers={"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
+                    return json.loads(resp.read())
+            except urllib.error.HTTPError as e:
+                message = _error_message(e)
+                if e.code not in RETRY_STATUS:
+                    err = ServerRefused(f"teacher.server_url: {self.url}{path} answered HTTP {e.code}: {message}")
+                    err.status = e.code
+                    raise err from None
+                last = f"HTTP {e.code} ({message})"
+            except (urllib.error.URLError, socket.timeout, TimeoutError, ConnectionError,
+                    http.client.HTTPException) as e:
+                last = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
+            except ValueError as e:  # a broken (cut) answer: JSON that does not parse
+                last = f"an answer that is not JSON ({e})"
+        raise TeacherUnavailable(
+            f"teacher.server_url: the teacher server {self.url} did not answer ({last}) after {self.retries} "
+            f"retries (teacher.server_timeout_s {self.timeout_s:g} s per request, backoff from "
+            f"{self.backoff_s:g} s) -> restart the server (launch/serve_teacher.py) or point teacher.server_url at a "
+            "running one, then run the same command again: it resumes from the checkpoint")
+
+    def topk(self, model: Optional[str], prompts: list[list[int]], k: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(ids [n-1, k], log-probs [n-1, k]) of each prompt, in order."""
+        answer = self.request(COMPLETIONS_PATH, completions_request(model, prompts, k))
+        choices = answer.get("choices") if isinstance(answer, dict) else None
+        if not isinstance(choices, list) or len(choices) != len(prompts):
+            raise DistillError(f"teacher.server_url: {self.url}{COMPLETIONS_PATH} answered "
+                               f"{len(choices) if isinstance(choices, list) else 'no'} choices for {len(prompts)} "
+                               "prompts -> is it a completions server (vLLM, launch/serve_teacher.py)?")
+        choices = sorted(choices, key=lambda c: c.get("index", 0))
+        return [parse_prompt_logprobs(c.get("prompt_logprobs"), len(p), k, f"prompt {i}")
+                for i, (c, p) in enumerate(zip(choices, prompts))]
+
+
+def _error_message(e: urllib.error.HTTPError) -> str:
+    """The server's error text: vLLM's {"error": {"message": ...}} or {"message": ...}, else the body's start."""
+    try:
+        body = e.read().decode(errors="replace")
+    except Exception:  # noqa: BLE001 -- the status alone is still worth reporting
+        return e.reason or ""
+    try:
+        d = json.loads(body)
+        return str((d.get("error") or {}).get("message") if isinstance(d.get("error"), dict) else d.get("message")
+                   or d.get("error") or body[:300])
+    except (ValueError, AttributeError):
+        return body[:300]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The teacher source
+# ----------------------------------------------------------------------------------------------------------------
+
+class ServedTeacher(teachers.CachedTeacher):
+    """teacher.server_url: each step's samples are posted (token ids, one request per rank and step), the answer
+    becomes the same payload as the offline cache's (ids [B, S-1, k] int64, log-probs [B, S-1, k] fp32 at
+    loss.temperature, aligned with labels[:, 1:]); its ids are checked and it reaches the loss as the cache's does
+    (`side` is CachedTeacher's)."""
+
+    kind = "server"
+
+    def __init__(self, client: TeacherClient, *, model: Optional[str], top_k: int):
+        self.client, self.model, self.k = client, model, top_k
+        self.max_length: Optional[int] = None  # set by verify
+
+    def describe(self) -> str:
+        return (f"teacher server {self.client.url} (model {self.model!r}): top-{self.k} log-probs per position, "
+                f"timeout {self.client.timeout_s:g} s, {self.client.retries} retries")
+
+    def verify(self, *, tokenizer, tokenizer_fp: str, max_length: int, temperature: float) -> str:
+        """Check the server against the run (module docstring); returns a line for the log. Raises DistillError
+        naming each differing key. Collective-free: every rank asks (each must reach the server anyway)."""
+        url = self.client.url
+        try:
+            manifest = self.client.request(MANIFEST_PATH)
+        except ServerRefused as e:
+            if getattr(e, "status", None) != 404:
+                raise
+            manifest = None
+        if manifest is not None:
+            diffs = identity_differences(manifest, {"tokenizer_fingerprint": tokenizer_fp, "max_length": max_length,
+                                                    "top_k": self.k, "temperature": temperature})
+            if diffs:
+                raise DistillError(f"teacher.server_url: {url} serves another setup (" + "; ".join(diffs)
+                                   + ") -> start the server with this run's config (launch/serve_teacher.py "
+                                   "--config X.yaml), or change the keys named")
+            self.model = self.model or manifest.get("model")
+            self.vocab_size = manifest.get("vocab_size")
+            return (f"{self.describe()}; identity checked: tokenizer, max_length {manifest['max_length']}, "
+                    f"k <= {manifest['top_k']}, T {manifest['temperature']}, vocab {manifest.get('vocab_size')}, "
+                    f"teacher {_short(manifest.get('teacher_fingerprint'))}")
+        # a server without the manifest (vLLM): what its API lets us check
+        models = self.client.request(MODELS_PATH).get("data") or []
+        if not models:
+            raise DistillError(f"teacher.server_url: {url}{MODELS_PATH} lists no model -> is the server up?")
+        if self.model is None:
+            self.model = models[0].get("id")
+        entry = next((m for m in models if m.get("id") == self.model), None)
+        if entry is None:
+            raise DistillError(f"teacher.server_model: {self.model!r} is not served by {url} (it lists "
+                               f"{[m.get('id') for m in models]}) -> set teacher.server_model to one of them")
+        problems = []
+        mml = entry.get("max_model_len")
+        if isinstance(mml, int) and mml < max_length + 1:  # + the one generated token
+            problems.append(f"max_length: server max_model_len {mml}, run data.max_length {max_length} (+1)")
+        if temperature != 1.0:
+            problems.append(f"temperature: run loss.temperature {temperature}, but a server without "
+                            f"{MANIFEST_PATH} (vLLM) returns prompt log-probs of the raw logits (T = 1) -> "
+                            "loss.temperature: 1, or serve with launch/serve_teacher.py")
+        theirs = self.client.request(TOKENIZE_PATH, {"model": self.model, "prompt": PROBE_TEXT,
+                                                     "add_special_tokens": False}).get("tokens")
+        ours = tokenizer(PROBE_TEXT, add_special_tokens=False)["input_ids"]
+        if theirs != ours:
+            problems.append(f"tokenizer: the server tokenizes a probe text as {str(theirs)[:60]}, this run's "
+                            f"tokenizer as {str(ours)[:60]} (tokenizer_path)")
+        if problems:
+            raise DistillError(f"teacher.server_url: {url} cannot serve this run (" + "; ".join(problems) + ")")
+        return (f"{self.describe()}; no {MANIFEST_PATH} (a vLLM server?): checked max_model_len {mml}, a tokenizer "
+                "probe and T = 1; not checked: k limit (vLLM --max-logprobs), the teacher's identity")
+
+    def check_vocab_size(self, vocab_size: int) -> None:
+        served = getattr(self, "vocab_size", None)
+        if served is not None and served != vocab_size:
+            raise DistillError(f"teacher.server_url: {self.client.url} normalises over vocab_size {served}, this "
+                               f"run over {vocab_size} (the tokenizer / the student's vocabulary) -> serve the "
+                               "teacher with this run's tokenizer")
+
+    def host_side(self, micro_batches: list[dict], vocab_size: int) -> list[Optional[object]]:
+        """One request for every sample of the step; then a collective flag (all ranks, every step) so that a
+        server lost by any rank stops every rank at the same point."""
+        prompts, where = [], []
+        for m, mb in enumerate(micro_batches):
+            lengths = mb["attention_mask"].sum(1).tolist()
+            for b, sid in enumerate(mb["sample_ids"].tolist()):
+                if sid >= 0:  # filler rows (-1) are never trained: no request
+                    prompts.append(mb["input_ids"][b, :int(lengths[b])].tolist())
+                    where.append((m, b))
+        failure: Optional[TeacherUnavailable] = None
+        rows: list = []
+        try:
+            rows = self.client.topk(self.model, prompts, self.k) if prompts else []
+        except TeacherUnavailable as e:
+            failure = e
+            print(f"[ds_distill] rank {self.client.rank}: {e}", file=sys.stderr, flush=True)
+        lost = engines.all_reduce_max(torch.tensor([1.0 if failure else 0.0], device=engines.device()))
+        if float(lost[0]) > 0:  # host sync: one per step, the price of stopping all ranks together
+            raise failure or TeacherUnavailable(
+                f"teacher.server_url: another rank lost the teacher server {self.client.url} (its error is above)")
+        out = []
+        for mb in micro_batches:  # filler layout as TopKCache.batch: uniform over ids 0..k-1, never trained
+            B, S = mb["attention_mask"].shape
+            width = max(S - 1, 0)
+            out.append((torch.arange(self.k, dtype=torch.int64).remainder(vocab_size).expand(B, width, self.k).clone(),
+                        torch.full((B, width, self.k), -math.log(self.k), dtype=torch.float32)))
+        for (m, b), (ids, lps) in zip(where, rows):
+            n = ids.shape[0]
+            out[m][0][b, :n] = ids
+            out[m][1][b, :n] = lps
+        for ids, _ in out:
+            teachers.check_topk_ids(ids, vocab_size, "teacher.server_url",
+                                    "serve the teacher with this run's tokenizer and vocabulary")
+        return out
+
+
+def build(cfg, rank: int) -> ServedTeacher:
+    """The source for cfg.teacher (server_url set), not yet verified."""
+    t = cfg.teacher
+    client = TeacherClient(t.server_url, timeout_s=t.server_timeout_s, retries=t.server_retries,
+                           backoff_s=t.server_backoff_s, rank=rank)
+    return ServedTeacher(client, model=t.server_model, top_k=cfg.loss.top_k)
+
+
+teachers.KINDS["server"] = ServedTeacher
