@@ -134,10 +134,14 @@ class TopKModel:
 class Batcher:
     """One model thread; request threads call `submit` and wait for their rows."""
 
-    def __init__(self, model: TopKModel, max_batch_tokens: int):
+    def __init__(self, model: TopKModel, max_batch_tokens: int, start: bool = True):
         self.model, self.max_batch_tokens = model, max_batch_tokens
         self.jobs: queue.Queue = queue.Queue()
-        self.forwards = 0  # batches run (the log shows how requests were merged)
+        self.batches = 0  # merged batches run (fewer than requests when concurrent requests were merged)
+        if start:
+            self.start()
+
+    def start(self) -> None:
         threading.Thread(target=self._loop, daemon=True, name="teacher-batcher").start()
 
     def submit(self, prompts: list[list[int]], k: int):
@@ -168,7 +172,7 @@ class Batcher:
                 rows = []
                 for c0 in range(0, len(prompts), per):
                     rows += self.model.topk(prompts[c0:c0 + per], k)
-                self.forwards += 1
+                self.batches += 1
                 start = 0
                 for j in batch:
                     j["rows"] = [(i[:, :j["k"]], lp[:, :j["k"]]) for i, lp in rows[start:start + len(j["prompts"])]]
