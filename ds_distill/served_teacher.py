@@ -23,9 +23,10 @@ prompt log-probs are computed from the raw logits whatever the request's tempera
 
 Failures: every request has a timeout (teacher.server_timeout_s) and is retried on connection errors, timeouts and
 HTTP 429/5xx with exponential backoff (teacher.server_backoff_s, doubled each time, teacher.server_retries times).
-Other HTTP errors (400: a prompt too long, k above the server's limit) stop at once with the server's message. When
-the retries run out, all ranks learn it in the same collective and raise `TeacherUnavailable` together; the trainer
-then checkpoints the last completed step and the run exits with code 2.
+Other HTTP errors (400: a prompt too long, k above the server's limit) are not retried. When the retries run out,
+or a request is refused, or an answer does not read, all ranks learn it in the same collective (one small
+all-reduce per step) and raise `TeacherUnavailable` together, with the failing rank's message; the trainer then
+checkpoints the last completed step and the run exits with code 2.
 """
 from __future__ import annotations
 
@@ -103,6 +104,9 @@ def parse_prompt_logprobs(entries: list, n_tokens: int, k: int, where: str) -> t
                                "for (vLLM: start it with --max-logprobs >= loss.top_k)")
         ids[t] = torch.tensor([i for _, i, _ in top])
         lps[t] = torch.tensor([LOGPROB_FLOOR if lp is None else max(float(lp), LOGPROB_FLOOR) for _, _, lp in top])
+    if rows and float(torch.logsumexp(lps, dim=1).max()) > 1e-3:  # top-k mass above 1: logits, not log-probs
+        raise DistillError(f"teacher.server_url: {where}: the top-{k} values hold more than probability 1 -> the "
+                           "server returns logits, not log-probabilities (vLLM: keep --logprobs-mode raw_logprobs)")
     return ids, lps
 
 
@@ -295,8 +299,8 @@ class ServedTeacher(teachers.CachedTeacher):
         rows: list = []
         try:
             rows = self.client.topk(self.model, prompts, self.k) if prompts else []
-        except TeacherUnavailable as e:
-            failure = e
+        except DistillError as e:  # no answer, a refused request (HTTP 4xx), an answer that does not read
+            failure = e if isinstance(e, TeacherUnavailable) else TeacherUnavailable(str(e))
             print(f"[ds_distill] rank {self.client.rank}: {e}", file=sys.stderr, flush=True)
         lost = engines.all_reduce_max(torch.tensor([1.0 if failure else 0.0], device=engines.device()))
         if float(lost[0]) > 0:  # host sync: one per step, the price of stopping all ranks together

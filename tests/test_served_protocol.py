@@ -37,6 +37,9 @@ def test_reads_vllm_prompt_logprobs():
     ids, lps = parse_prompt_logprobs(json.loads(json.dumps(entries)), 4, 2, "prompt 0")
     assert ids.tolist() == [[7, 3], [2, 9], [4, 5]]
     assert lps.tolist() == [[-0.5, -1.25], [-0.10000000149011612, -2.5], [-9999.0, -1.0]]
+    logits = [None] + [_vllm_position([(1, 3.0), (2, 2.5)], own=None)] * 3  # --logprobs-mode raw_logits
+    with pytest.raises(DistillError, match="logits, not log-probabilities"):
+        parse_prompt_logprobs(logits, 4, 2, "prompt 0")
     with pytest.raises(DistillError, match="--max-logprobs"):  # fewer entries than asked
         parse_prompt_logprobs(entries, 4, 3, "prompt 0")
     with pytest.raises(DistillError, match="3 positions for a prompt of 5 tokens"):
