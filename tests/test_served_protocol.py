@@ -165,3 +165,33 @@ def test_config_checks_name_the_server_keys(tiny_assets, tmp_path):
     assert "up to 2407 s of waiting on the server, not below train.watchdog_timeout_s (1800)" in msg, msg
     msg = problems(teacher={"server_url": "http://h:1", "path": tiny_assets["teacher"]}, loss={"impl": "topk"})
     assert "teacher.server_url: set together with teacher.path" in msg
+
+
+def test_lost_server_stops_every_rank(tmp_path):
+    """Two gloo ranks: when only rank 1 loses the server, both raise at the same step (the per-step collective)."""
+    import math
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT, free_port
+
+    live, dead, master = free_port(), free_port(), free_port()
+    out = tmp_path / "res"
+    procs = []
+    for rank in (0, 1):
+        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": str(master), "OMP_NUM_THREADS": "1"}
+        procs.append(subprocess.Popen([sys.executable, str(ROOT / "tests" / "scripts" / "served_collective.py"),
+                                       str(live), f"http://127.0.0.1:{dead}", str(out)], cwd=ROOT, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    logs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], logs
+    r0, r1 = (json.loads(open(f"{out}.rank{r}.json").read()) for r in (0, 1))
+    lp = math.log(1 / 8)
+    for r in (r0, r1):  # step 1: rows 0..len-2 from the server, the rest and filler samples uniform over k
+        assert r["step1"]["ids"][0] == [0, 1, 2, 3] and abs(r["step1"]["lps"][0][0] - lp) < 1e-6
+        assert abs(r["step1"]["filler"][0][0] - math.log(1 / 4)) < 1e-6
+    assert r0["step1"]["ids"][1] == [0, 1, 2, 3] and abs(r0["step1"]["lps"][2][0] - math.log(1 / 4)) < 1e-6
+    assert f"the teacher server http://127.0.0.1:{dead} did not answer" in r1["step2"]["error"]
+    assert "another rank lost the teacher server" in r0["step2"]["error"], r0
