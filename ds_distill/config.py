@@ -37,7 +37,8 @@ class TeacherConfig:
     server_model: Optional[str] = None
     """The `model` field of the requests (vLLM's served model name). Default: the first model the server lists."""
     server_timeout_s: float = 120.0
-    """Seconds one request to teacher.server_url may take before it counts as failed (and is retried)."""
+    """Seconds a request to teacher.server_url may wait to connect, or for any part of the answer, before it counts
+    as failed (and is retried)."""
     server_retries: int = 3
     """Retries of a failed request (connection refused, timeout, HTTP 429/5xx) before the run stops (exit 2) with a
     checkpoint of the last completed step."""

@@ -144,6 +144,8 @@ class TeacherClient:
         self.url = url.rstrip("/")
         self.timeout_s, self.retries, self.backoff_s, self.rank = timeout_s, retries, backoff_s, rank
         self.retried = 0  # retries made so far (logged; a test checks an injected fault was retried)
+        # no proxy: http_proxy / https_proxy of the environment are for the internet, the teacher is a private host
+        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
     def request(self, path: str, body: Optional[dict] = None) -> dict:
         """GET (body None) or POST `path`; the decoded JSON answer. Raises ServerRefused for a non-retryable HTTP
@@ -160,7 +162,7 @@ class TeacherClient:
             req = urllib.request.Request(self.url + path, data=data, method="GET" if data is None else "POST",
                                          headers={"Content-Type": "application/json"})
             try:
-                with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
+                with self._opener.open(req, timeout=self.timeout_s) as resp:
                     return json.loads(resp.read())
             except urllib.error.HTTPError as e:
                 message = _error_message(e)
