@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
@@ -30,17 +31,27 @@ def served_bytes_per_token(hidden: int, vocab: int, k: int, tokens: int = 1024, 
     per = tokens // n_prompts
     prompts = [torch.randint(0, vocab, (per,), generator=g).tolist() for _ in range(n_prompts)]
     rows = []
-    for _ in prompts:  # [per-1, k]: distinct ids, log-probs of a peaked distribution (the JSON length of a float)
-        ids = torch.stack([torch.randperm(vocab, generator=g)[:k] for _ in range(per - 1)])
-        lps = torch.log_softmax(torch.randn(per - 1, vocab, generator=g)[:, :k] * 3, -1) - 0.5
+    for _ in prompts:  # [per-1, k]: distinct ids below V, log-probs of total mass < 1 (fp32 values, full length)
+        ids = torch.randint(0, vocab - 64 * 37, (per - 1, 1), generator=g) + torch.arange(k) * 37
+        lps = torch.log_softmax(torch.randn(per - 1, k, generator=g) * 3, -1) - 0.5
         rows.append((ids, lps))
+    t0 = time.perf_counter()  # the server's cost: build and serialise the answer
     answer = json.dumps(completion_response("teacher", prompts, rows)).encode()
+    serve_s = time.perf_counter() - t0
     request = json.dumps({"prompt": prompts, "max_tokens": 1, "prompt_logprobs": k}).encode()
     n_rows = sum(per - 1 for _ in prompts)
+    from ds_distill.served_teacher import parse_prompt_logprobs
+
+    t0 = time.perf_counter()  # the client's cost: decode the JSON and read every prompt's rows
+    choices = json.loads(answer)["choices"]
+    for p, c in zip(prompts, choices):
+        parse_prompt_logprobs(c["prompt_logprobs"], len(p), k, "bench")
+    parse_us = (time.perf_counter() - t0) / n_rows * 1e6
     return {
         "hidden_bf16": hidden * 2, "logits_bf16": vocab * 2,
         "topk_fp16": k * (4 + 2), "topk_fp32": k * (4 + 4),
         "served_json_answer": len(answer) / n_rows, "served_json_request": len(request) / (n_prompts * per),
+        "client_parse_us_per_token": parse_us, "server_json_us_per_token": serve_s / n_rows * 1e6,
     }
 
 
@@ -55,6 +66,9 @@ def main(argv=None) -> int:
     b = served_bytes_per_token(args.hidden, args.vocab, args.k, args.tokens)
     print(f"bytes per token, H={args.hidden}, V={args.vocab}, k={args.k} (ratio: / hidden states bf16)")
     for name, v in b.items():
+        if name.endswith("_us_per_token"):
+            print(f"  {name:22s} {v:12.1f}   (microseconds of host time per token, not bytes)")
+            continue
         print(f"  {name:22s} {v:12.1f}   x {v / b['hidden_bf16']:.3g}")
     print(f"  full logits / hidden states: {b['logits_bf16'] / b['hidden_bf16']:.1f}x; JSON answer / binary top-k "
           f"fp16: {b['served_json_answer'] / b['topk_fp16']:.1f}x")

@@ -92,18 +92,20 @@ def parse_prompt_logprobs(entries: list, n_tokens: int, k: int, where: str) -> t
                            f"{n_tokens} tokens -> the server does not speak the completions protocol with "
                            "prompt_logprobs (README: 'Served teacher')")
     rows = max(n_tokens - 1, 0)
-    ids = torch.empty((rows, k), dtype=torch.int64)
-    lps = torch.empty((rows, k), dtype=torch.float32)
+    flat_ids: list[int] = []
+    flat_lps: list[float] = []
     for t in range(rows):
         pos = entries[t + 1]
-        top = sorted(((int(v["rank"]), int(tok), v["logprob"]) for tok, v in (pos or {}).items()
-                      if v.get("rank") is not None and int(v["rank"]) <= k))
+        top = sorted((v["rank"], tok, v["logprob"]) for tok, v in (pos or {}).items()
+                     if v.get("rank") is not None and v["rank"] <= k)
         if len(top) != k:
             raise DistillError(f"teacher.server_url: {where}, position {t + 1}: {len(top)} entries of rank 1..{k}, "
                                f"expected {k} -> the server returned fewer log-probs than prompt_logprobs asked "
                                "for (vLLM: start it with --max-logprobs >= loss.top_k)")
-        ids[t] = torch.tensor([i for _, i, _ in top])
-        lps[t] = torch.tensor([LOGPROB_FLOOR if lp is None else max(float(lp), LOGPROB_FLOOR) for _, _, lp in top])
+        flat_ids += [int(tok) for _, tok, _ in top]
+        flat_lps += [LOGPROB_FLOOR if lp is None else lp for _, _, lp in top]
+    ids = torch.tensor(flat_ids, dtype=torch.int64).view(rows, k)
+    lps = torch.tensor(flat_lps, dtype=torch.float32).view(rows, k).clamp_(min=LOGPROB_FLOOR)
     if rows and float(torch.logsumexp(lps, dim=1).max()) > 1e-3:  # top-k mass above 1: logits, not log-probs
         raise DistillError(f"teacher.server_url: {where}: the top-{k} values hold more than probability 1 -> the "
                            "server returns logits, not log-probabilities (vLLM: keep --logprobs-mode raw_logprobs)")
