@@ -14,6 +14,11 @@ entries of rank 1..k (vLLM adds the prompt's own token at t with its rank when t
 dropped here). Row t of the loss (aligned with labels[:, 1:]) is therefore `prompt_logprobs[t + 1]`. The log-probs
 are normalised over the teacher's whole vocabulary, so the tail mass is 1 - sum(exp(top-k)).
 
+Binary answers (ds_distill's extension, not vLLM's): a server whose manifest lists "binary" in `answer_formats`
+(launch/serve_teacher.py) is asked with `"ds_distill_binary": true` and answers the same rows as int32 ids and
+float32 log-probs after a small header (`binary_answer`): about 8 bytes per value instead of ~75, read without a
+JSON parser. The JSON answer stays the protocol every server speaks.
+
 Identity, checked before the first step (as the offline cache's manifest is): the server's
 `GET /v1/ds_distill/manifest` reports its tokenizer fingerprint, max_length, the largest k it serves, the
 temperature its log-probs are at, and the vocabulary size; each must match the run (a DistillError names the key).
@@ -52,6 +57,9 @@ COMPLETIONS_PATH = "/v1/completions"
 MODELS_PATH = "/v1/models"
 TOKENIZE_PATH = "/tokenize"
 RETRY_STATUS = (408, 429, 500, 502, 503, 504)
+# the binary answer (ds_distill's extension): asked for with this request field when the manifest lists "binary"
+BINARY_FIELD = "ds_distill_binary"
+MAGIC = b"DSDT\x01"
 # a server without the manifest endpoint is checked by tokenizing this text on both sides (letters, digits, spaces,
 # punctuation, a newline: what distinguishes two BPE vocabularies quickly)
 PROBE_TEXT = "Distillation check: The quick brown fox jumps over 13 lazy dogs.\nres = f(x) + 42 # done"
@@ -112,6 +120,41 @@ def parse_prompt_logprobs(entries: list, n_tokens: int, k: int, where: str) -> t
     return ids, lps
 
 
+def binary_answer(rows: list[tuple[torch.Tensor, torch.Tensor]], k: int) -> bytes:
+    """ds_distill's binary answer (an extension, not vLLM's): MAGIC, a little-endian uint32 header length, a JSON
+    header {"k": k, "rows": [rows of each prompt]}, then every prompt's ids as int32 [R, k] and log-probs as float32
+    [R, k], little-endian. About 8 bytes per value instead of ~75 in JSON, and read without a JSON parser."""
+    import numpy as np
+
+    header = json.dumps({"k": k, "rows": [int(i.shape[0]) for i, _ in rows]}).encode()
+    ids = np.concatenate([i.numpy().astype("<i4") for i, _ in rows]) if rows else np.zeros((0, k), "<i4")
+    lps = np.concatenate([lp.numpy().astype("<f4") for _, lp in rows]) if rows else np.zeros((0, k), "<f4")
+    return MAGIC + len(header).to_bytes(4, "little") + header + ids.tobytes() + lps.tobytes()
+
+
+def read_binary_answer(raw: bytes, prompts: list[list[int]], k: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The rows of a binary answer (binary_answer), checked against the prompts; ValueError if it does not read."""
+    import numpy as np
+
+    if raw[:len(MAGIC)] != MAGIC:
+        raise ValueError("no binary answer magic")
+    n = int.from_bytes(raw[len(MAGIC):len(MAGIC) + 4], "little")
+    start = len(MAGIC) + 4
+    header = json.loads(raw[start:start + n])
+    rows = header["rows"]
+    if header["k"] != k or rows != [max(len(p) - 1, 0) for p in prompts]:
+        raise ValueError(f"binary answer for k {header['k']} and rows {rows[:4]}..., not for this request")
+    total = sum(rows)
+    body = memoryview(raw)[start + n:]
+    if len(body) != total * k * 8:
+        raise ValueError(f"binary answer of {len(body)} bytes after the header, expected {total * k * 8}")
+    ids = torch.from_numpy(np.frombuffer(body[:total * k * 4], "<i4").astype(np.int64).reshape(total, k))
+    lps = torch.from_numpy(np.frombuffer(body[total * k * 4:], "<f4").astype(np.float32).reshape(total, k))
+    if total and float(torch.logsumexp(lps, dim=1).max()) > 1e-3:
+        raise ValueError("binary answer's top-k hold more than probability 1")
+    return list(zip(ids.split(rows), lps.split(rows)))
+
+
 def identity_differences(server: dict, run: dict) -> list[str]:
     """'key: server X, run Y' for every identity field on which the served teacher cannot serve this run."""
     out = []
@@ -149,9 +192,10 @@ class TeacherClient:
         # no proxy: http_proxy / https_proxy of the environment are for the internet, the teacher is a private host
         self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
-    def request(self, path: str, body: Optional[dict] = None) -> dict:
-        """GET (body None) or POST `path`; the decoded JSON answer. Raises ServerRefused for a non-retryable HTTP
-        error (its `status` attribute holds the code), TeacherUnavailable when the retries run out."""
+    def request(self, path: str, body: Optional[dict] = None, decode=json.loads):
+        """GET (body None) or POST `path`; the answer's bytes through `decode` (JSON by default; a decoding error
+        counts as a failed attempt). Raises ServerRefused for a non-retryable HTTP error (its `status` attribute
+        holds the code), TeacherUnavailable when the retries run out."""
         data = None if body is None else json.dumps(body).encode()
         last = ""
         for attempt in range(self.retries + 1):
@@ -165,7 +209,7 @@ class TeacherClient:
                                          headers={"Content-Type": "application/json"})
             try:
                 with self._opener.open(req, timeout=self.timeout_s) as resp:
-                    return json.loads(resp.read())
+                    return decode(resp.read())
             except urllib.error.HTTPError as e:
                 message = _error_message(e)
                 if e.code not in RETRY_STATUS:
@@ -176,17 +220,23 @@ class TeacherClient:
             except (urllib.error.URLError, socket.timeout, TimeoutError, ConnectionError,
                     http.client.HTTPException) as e:
                 last = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
-            except ValueError as e:  # a broken (cut) answer: JSON that does not parse
-                last = f"an answer that is not JSON ({e})"
+            except ValueError as e:  # a broken (cut) answer: JSON or binary that does not parse
+                last = f"an answer that does not read ({e})"
         raise TeacherUnavailable(
             f"teacher.server_url: the teacher server {self.url} did not answer ({last}) after {self.retries} "
             f"retries (teacher.server_timeout_s {self.timeout_s:g} s per request, backoff from "
             f"{self.backoff_s:g} s) -> restart the server (launch/serve_teacher.py) or point teacher.server_url at a "
             "running one, then run the same command again: it resumes from the checkpoint")
 
-    def topk(self, model: Optional[str], prompts: list[list[int]], k: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """(ids [n-1, k], log-probs [n-1, k]) of each prompt, in order."""
-        answer = self.request(COMPLETIONS_PATH, completions_request(model, prompts, k))
+    def topk(self, model: Optional[str], prompts: list[list[int]], k: int, binary: bool = False
+             ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(ids [n-1, k], log-probs [n-1, k]) of each prompt, in order. `binary`: ask for the binary answer (only
+        servers whose manifest lists it: launch/serve_teacher.py)."""
+        body = completions_request(model, prompts, k)
+        if binary:
+            body[BINARY_FIELD] = True
+            return self.request(COMPLETIONS_PATH, body, decode=lambda raw: read_binary_answer(raw, prompts, k))
+        answer = self.request(COMPLETIONS_PATH, body)
         choices = answer.get("choices") if isinstance(answer, dict) else None
         if not isinstance(choices, list) or len(choices) != len(prompts):
             raise DistillError(f"teacher.server_url: {self.url}{COMPLETIONS_PATH} answered "
@@ -225,7 +275,7 @@ class ServedTeacher(teachers.CachedTeacher):
 
     def __init__(self, client: TeacherClient, *, model: Optional[str], top_k: int):
         self.client, self.model, self.k = client, model, top_k
-        self.max_length: Optional[int] = None  # set by verify
+        self.binary = False  # the server's manifest offers the binary answer (set by verify)
 
     def describe(self) -> str:
         return (f"teacher server {self.client.url} (model {self.model!r}): top-{self.k} log-probs per position, "
@@ -250,9 +300,11 @@ class ServedTeacher(teachers.CachedTeacher):
                                    "--config X.yaml), or change the keys named")
             self.model = self.model or manifest.get("model")
             self.vocab_size = manifest.get("vocab_size")
+            self.binary = "binary" in (manifest.get("answer_formats") or [])
             return (f"{self.describe()}; identity checked: tokenizer, max_length {manifest['max_length']}, "
                     f"k <= {manifest['top_k']}, T {manifest['temperature']}, vocab {manifest.get('vocab_size')}, "
-                    f"teacher {_short(manifest.get('teacher_fingerprint'))}")
+                    f"teacher {_short(manifest.get('teacher_fingerprint'))}, "
+                    f"{'binary' if self.binary else 'JSON'} answers")
         # a server without the manifest (vLLM): what its API lets us check
         models = self.client.request(MODELS_PATH).get("data") or []
         if not models:
@@ -302,7 +354,7 @@ class ServedTeacher(teachers.CachedTeacher):
         failure: Optional[TeacherUnavailable] = None
         rows: list = []
         try:
-            rows = self.client.topk(self.model, prompts, self.k) if prompts else []
+            rows = self.client.topk(self.model, prompts, self.k, binary=self.binary) if prompts else []
         except DistillError as e:  # no answer, a refused request (HTTP 4xx), an answer that does not read
             failure = e if isinstance(e, TeacherUnavailable) else TeacherUnavailable(str(e))
             print(f"[ds_distill] rank {self.client.rank}: {e}", file=sys.stderr, flush=True)

@@ -8,8 +8,10 @@ Endpoints:
   the top-k of softmax(transform(hidden @ lm_head^T + bias) / T) over the real vocabulary (teacher_cache.topk_logprobs,
   the model's own head: Gemma's softcap, Cohere's scale... and T = the config's loss.temperature). No token is
   generated (`text` is "", `finish_reason` "length"); vLLM would generate max_tokens of them.
+  With `"ds_distill_binary": true` (ds_distill's client, when the manifest lists it) the same rows come as the binary
+  answer of served_teacher.binary_answer instead (--json_only turns that off).
 - `GET /v1/ds_distill/manifest`: what the log-probs are (tokenizer fingerprint, max_length, largest k, temperature,
-  vocabulary size, teacher fingerprint): the client's identity check.
+  vocabulary size, teacher fingerprint, answer formats): the client's identity check.
 - `GET /v1/models`, `POST /tokenize`, `GET /health`: the parts of vLLM's API the client also uses.
 
 Batching: each HTTP request is handled on its own thread, which queues its prompts; one model thread takes
@@ -38,7 +40,8 @@ import torch
 
 from . import heads, models, teacher_cache, vocab
 from .errors import DistillError
-from .served_teacher import COMPLETIONS_PATH, FORMAT, MANIFEST_PATH, MODELS_PATH, TOKENIZE_PATH, VERSION
+from .served_teacher import (BINARY_FIELD, COMPLETIONS_PATH, FORMAT, MANIFEST_PATH, MODELS_PATH, TOKENIZE_PATH, VERSION,
+                             binary_answer)
 
 FAULT_ENV = "DS_DISTILL_SERVE_FAULTS"
 MAX_BODY_BYTES = 64 << 20
@@ -62,7 +65,7 @@ class BadRequest(Exception):
 class TopKModel:
     """The teacher and its head on one device; `topk(prompts, k)` for a batch of prompts (the model thread only)."""
 
-    def __init__(self, cfg, *, top_k: int, device: torch.device, dtype: torch.dtype):
+    def __init__(self, cfg, *, top_k: int, device: torch.device, dtype: torch.dtype, binary: bool = True):
         t = cfg.teacher
         if t.path is None:
             raise DistillError("teacher.path: required to serve a teacher -> the teacher's model directory")
@@ -90,7 +93,9 @@ class TopKModel:
             "teacher_vocab_rows": self.rows, "transform": self.head.transform.describe(),
             "tokenizer_fingerprint": teacher_cache.tokenizer_fingerprint(self.tokenizer),
             "teacher_fingerprint": teacher_cache.teacher_fingerprint(t.path),
+            "answer_formats": ["json", "binary"] if binary else ["json"],
         }
+        self.binary = binary
 
     @torch.no_grad()
     def topk(self, prompts: list[list[int]], k: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -270,7 +275,15 @@ def make_handler(model: TopKModel, batcher: Batcher, faults: dict):
                 print(f"[serve_teacher] request {nth} failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
                 return self._error(500, f"{type(e).__name__}: {e}")
             try:
-                self._send(200, completion_response(model.name, prompts, rows))
+                if body.get(BINARY_FIELD) and model.binary:
+                    raw = binary_answer(rows, body["prompt_logprobs"])
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/octet-stream")
+                    self.send_header("Content-Length", str(len(raw)))
+                    self.end_headers()
+                    self.wfile.write(raw)
+                else:
+                    self._send(200, completion_response(model.name, prompts, rows))
             except (BrokenPipeError, ConnectionResetError):  # the client gave up (its timeout): nothing to answer
                 pass
 
@@ -278,14 +291,14 @@ def make_handler(model: TopKModel, batcher: Batcher, faults: dict):
 
 
 def serve(cfg, *, host: str, port: int, top_k: Optional[int] = None, max_batch_tokens: int = 16384,
-          dtype: Optional[str] = None, ready=None) -> None:
+          dtype: Optional[str] = None, binary: bool = True, ready=None) -> None:
     """Load the teacher, then answer requests until the process is stopped. `ready(server)` is called once the
     socket listens (tests); a line '[serve_teacher] listening on http://host:port' is printed then."""
     faults = parse_faults(os.environ.get(FAULT_ENV, ""))
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     dtype = dtype or ("bf16" if device.type == "cuda" else "fp32")
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
-    model = TopKModel(cfg, top_k=top_k or cfg.loss.top_k, device=device, dtype=torch_dtype)
+    model = TopKModel(cfg, top_k=top_k or cfg.loss.top_k, device=device, dtype=torch_dtype, binary=binary)
     batcher = Batcher(model, max_batch_tokens)
     try:
         server = ThreadingHTTPServer((host, port), make_handler(model, batcher, faults))
@@ -293,7 +306,8 @@ def serve(cfg, *, host: str, port: int, top_k: Optional[int] = None, max_batch_t
         raise DistillError(f"--port: cannot listen on {host}:{port} ({e}) -> choose a free port") from None
     server.daemon_threads = True
     print(f"[serve_teacher] {model.name} ({dtype} on {device}, {model.manifest['transform']}): top-{model.top_k} "
-          f"log-probs at T={model.temperature}, max_length {model.max_length}, vocab {model.vocab_size}"
+          f"log-probs at T={model.temperature}, max_length {model.max_length}, vocab {model.vocab_size}, answers "
+          f"{'/'.join(model.manifest['answer_formats'])}"
           + (f", test faults {faults}" if faults else ""), flush=True)
     print(f"[serve_teacher] listening on http://{host}:{server.server_address[1]}", flush=True)
     if ready is not None:

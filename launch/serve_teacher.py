@@ -1,7 +1,7 @@
 """Serve a HF teacher's top-k log-probs over HTTP for training with teacher.server_url (README: 'Served teacher').
 
     python launch/serve_teacher.py --config X.yaml --port P [--host 127.0.0.1] [--top_k K]
-        [--max_batch_tokens N] [--dtype fp32|bf16|fp16] [--section.key value ...]
+        [--max_batch_tokens N] [--dtype fp32|bf16|fp16] [--json_only] [--section.key value ...]
 
 The config's teacher.path (and tokenizer_path), loss.temperature, loss.top_k (or --top_k) and data.max_length
 define what is served; the trainer checks them against its own config before the first step. Speaks vLLM's
@@ -27,6 +27,8 @@ def main(argv=None) -> int:
     ap.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     ap.add_argument("--top_k", type=int, default=None, help="largest k served (default: loss.top_k)")
     ap.add_argument("--max_batch_tokens", type=int, default=16384, help="padded tokens per teacher forward")
+    ap.add_argument("--json_only", action="store_true",
+                    help="answer in vLLM's JSON only (no binary answers for ds_distill's client)")
     ap.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"],
                     help="teacher weights (default: bf16 on a GPU, fp32 on CPU)")
     if asks_help:
@@ -37,7 +39,7 @@ def main(argv=None) -> int:
         from ds_distill import teacher_server
 
         teacher_server.serve(cfg, host=args.host, port=args.port, top_k=args.top_k,
-                             max_batch_tokens=args.max_batch_tokens, dtype=args.dtype)
+                             max_batch_tokens=args.max_batch_tokens, dtype=args.dtype, binary=not args.json_only)
     except DistillError as e:
         print(f"[serve_teacher] error: {e}", file=sys.stderr, flush=True)
         return 2

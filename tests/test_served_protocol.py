@@ -104,7 +104,7 @@ def test_server_without_manifest_is_checked_as_vllm(tiny_assets):
 def test_server_batches_concurrent_requests(tiny_assets, tmp_path):
     from ds_distill.config import parse_config
     from ds_distill.teacher_server import Batcher, TopKModel, completion_response
-    from ds_distill.served_teacher import parse_prompt_logprobs
+    from ds_distill.served_teacher import binary_answer, parse_prompt_logprobs, read_binary_answer
 
     cfg = parse_config(["--config", write_yaml(tiny_config(tiny_assets, tmp_path / "o", loss={"temperature": 2.0}),
                                                tmp_path / "c.yaml")])
@@ -136,6 +136,11 @@ def test_server_batches_concurrent_requests(tiny_assets, tmp_path):
             top = ref.topk(k, -1)
             assert torch.equal(ids.long(), top.indices)
             assert (lps - top.values).abs().max() < 1e-5
+        # the binary answer reads back to the same rows, bit for bit
+        back = read_binary_answer(binary_answer(rows, k), req, k)
+        assert all(torch.equal(a.long(), c) and torch.equal(b, d) for (a, b), (c, d) in zip(rows, back))
+        with pytest.raises(ValueError, match="not for this request"):
+            read_binary_answer(binary_answer(rows, k), [p + [1] for p in req], k)
         # and the JSON answer reads back to the same rows
         answer = json.loads(json.dumps(completion_response("t", req, rows)))
         for p, c, (ids, lps) in zip(req, answer["choices"], rows):

@@ -7,7 +7,8 @@ launch/train.py's main with real DeepSpeed; tests/scripts/served_teacher_driver.
    log-probs within fp16 rounding): compared here, sample by sample, through the client.
 2. Training with teacher.server_url logs the same per-step loss/total, loss/kl, loss/ce and kd/topk_mass as training
    from that cache (relative 1e-3: the cache's fp16 log-probs), while server 1 answers HTTP 503 to the 2nd request
-   and delays the 4th past the client's timeout: both are retried (the retries are logged and counted).
+   and delays the 4th past the client's timeout: both are retried (the retries are logged and counted). Server 1
+   answers in ds_distill's binary format, server 2 in vLLM's JSON only: the two answers give identical rows.
 3. Server 2 exits when the 3rd request arrives: the run stops with exit code 2 and a message naming the URL, after
    saving the last completed step (2); resuming that checkpoint against server 1 finishes the run with steps 3-4
    equal to the uninterrupted run's.
@@ -36,10 +37,10 @@ def _rows(path):
     return [r for r in read_jsonl(path) if "loss/total" in r]
 
 
-def _server(cfg_path, port, faults, log):
+def _server(cfg_path, port, faults, log, *extra):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "DS_DISTILL_SERVE_FAULTS": faults}
     return subprocess.Popen([sys.executable, str(ROOT / "launch" / "serve_teacher.py"), "--config", str(cfg_path),
-                             "--port", str(port)], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+                             "--port", str(port), *extra], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
 def test_served_teacher_equals_cache_retries_and_stops(tiny_assets, tmp_path):
@@ -73,7 +74,7 @@ def test_served_teacher_equals_cache_retries_and_stops(tiny_assets, tmp_path):
     urls = [f"http://127.0.0.1:{p}" for p in ports]
     logs = [open(tmp_path / f"server{i}.log", "w") for i in (1, 2)]
     servers = [_server(serve_cfg, ports[0], "error:2,delay:4:4", logs[0]),
-               _server(serve_cfg, ports[1], "exit:3", logs[1])]
+               _server(serve_cfg, ports[1], "exit:3", logs[1], "--json_only")]
     try:
         def served(url, out, **kw):  # client settings small enough for a test, retries as in production
             return cfg(out, {"server_url": url, "server_timeout_s": 3.0, "server_retries": 2,
@@ -113,8 +114,10 @@ def test_served_teacher_equals_cache_retries_and_stops(tiny_assets, tmp_path):
         ds = data.build_dataset([str(train)], "guanaco", tok, 64)
         cache = tc.TopKCache(str(cache_dir))
         client = served_teacher.TeacherClient(urls[0], timeout_s=30, retries=0, backoff_s=0)
-        got = client.topk(None, [r["input_ids"] for r in ds], K)
-        for r, (ids, lps) in zip(ds, got):
+        got = client.topk(None, [r["input_ids"] for r in ds], K)  # vLLM's JSON answer
+        got_binary = client.topk(None, [r["input_ids"] for r in ds], K, binary=True)  # ds_distill's extension
+        for r, (ids, lps), (b_ids, b_lps) in zip(ds, got, got_binary):
+            assert torch.equal(ids, b_ids) and torch.equal(lps, b_lps)
             c_ids, c_lps = cache.sample_rows(r["sample_id"])
             assert torch.equal(ids, c_ids.long()), r["sample_id"]
             assert (lps - c_lps.float()).abs().max() < 4e-3  # fp16 rounding of log-probs in [-10, 0]
@@ -131,7 +134,9 @@ def test_served_teacher_equals_cache_retries_and_stops(tiny_assets, tmp_path):
         log1 = (tmp_path / "server1.log").read_text()
         assert "HTTP 503 to completions request 2" in log1 and "delay before completions request 4" in log1
 
-        # --- 3. the server gone: exit 2 naming the URL, step 2 saved, the resumed run == the uninterrupted one
+        assert "binary answers" in runs["served"]["stderr"] and "JSON answers" in runs["lost"]["stderr"]
+
+        # --- 3. the server gone (server 2 answers JSON only: steps 1-2 also compare JSON with binary answers): exit 2 naming the URL, step 2 saved, the resumed run == the uninterrupted one
         lost = runs["lost"]
         assert lost["code"] == 2, lost
         assert f"the teacher server {urls[1]} did not answer" in lost["stderr"], lost["stderr"][-3000:]
@@ -142,7 +147,7 @@ def test_served_teacher_equals_cache_retries_and_stops(tiny_assets, tmp_path):
         assert any("2" in c for c in ckpts), ckpts
         c = _rows(tmp_path / "lost" / "metrics.jsonl")
         assert [r["step"] for r in c] == [1, 2, 3, 4]  # steps 1-2 of the first process, 3-4 after the resume
-        assert "resumed from" in runs["resumed"]["stderr"] + proc.stdout
+        assert "resumed from" in runs["resumed"]["stderr"]
         for ra, rc in zip(b, c):
             for key in ("loss/total", "loss/kl", "grad_norm"):
                 assert math.isclose(ra[key], rc[key], rel_tol=1e-5), (ra["step"], key, ra[key], rc[key])

@@ -69,7 +69,7 @@ def main():
                     code = trainer.main(parse_config(["--config", _yaml(r["config"])]))
                 except DistillError as e:
                     code = train_launch._fail(e)  # the launcher's message and exit code
-            out["runs"][r["name"]] = {"code": code, "stderr": err.getvalue()[-6000:], "seconds": time.time() - t0}
+            out["runs"][r["name"]] = {"code": code, "stderr": err.getvalue()[-20000:], "seconds": time.time() - t0}
             sys.stderr.write(err.getvalue())
         for name, c in spec.get("refusals", {}).items():
             try:
