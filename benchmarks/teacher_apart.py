@@ -40,7 +40,7 @@ def served_bytes_per_token(hidden: int, vocab: int, k: int, tokens: int = 1024, 
     serve_s = time.perf_counter() - t0
     request = json.dumps({"prompt": prompts, "max_tokens": 1, "prompt_logprobs": k}).encode()
     n_rows = sum(per - 1 for _ in prompts)
-    from ds_distill.served_teacher import parse_prompt_logprobs
+    from ds_distill.served_protocol import parse_prompt_logprobs
 
     t0 = time.perf_counter()  # the client's cost: decode the JSON and read every prompt's rows
     choices = json.loads(answer)["choices"]

@@ -1,4 +1,4 @@
-"""A HF teacher behind HTTP, speaking the protocol of served_teacher.py (vLLM's completions with prompt_logprobs).
+"""A HF teacher behind HTTP, speaking the protocol of served_teacher.py / served_protocol.py (vLLM's completions with prompt_logprobs).
 
     python launch/serve_teacher.py --config X.yaml --port P [--host 127.0.0.1] [--top_k K] [--max_batch_tokens N]
 
@@ -9,7 +9,7 @@ Endpoints:
   the model's own head: Gemma's softcap, Cohere's scale... and T = the config's loss.temperature). No token is
   generated (`text` is "", `finish_reason` "length"); vLLM would generate max_tokens of them.
   With `"ds_distill_binary": true` (ds_distill's client, when the manifest lists it) the same rows come as the binary
-  answer of served_teacher.binary_answer instead (--json_only turns that off).
+  answer of served_protocol.binary_answer instead (--json_only turns that off).
 - `GET /v1/ds_distill/manifest`: what the log-probs are (tokenizer fingerprint, max_length, largest k, temperature,
   vocabulary size, teacher fingerprint, answer formats): the client's identity check.
 - `GET /v1/models`, `POST /tokenize`, `GET /health`: the parts of vLLM's API the client also uses.
@@ -40,8 +40,8 @@ import torch
 
 from . import heads, models, teacher_cache, vocab
 from .errors import DistillError
-from .served_teacher import (BINARY_FIELD, COMPLETIONS_PATH, FORMAT, MANIFEST_PATH, MODELS_PATH, TOKENIZE_PATH, VERSION,
-                             binary_answer)
+from .served_protocol import (BINARY_FIELD, COMPLETIONS_PATH, FORMAT, MANIFEST_PATH, MODELS_PATH, TOKENIZE_PATH,
+                              VERSION, binary_answer)
 
 FAULT_ENV = "DS_DISTILL_SERVE_FAULTS"
 MAX_BODY_BYTES = 64 << 20

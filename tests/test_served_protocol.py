@@ -27,7 +27,7 @@ def _vllm_position(top: list[tuple[int, float]], own: tuple[int, float, int] | N
 
 def test_reads_vllm_prompt_logprobs():
     from ds_distill.errors import DistillError
-    from ds_distill.served_teacher import parse_prompt_logprobs
+    from ds_distill.served_protocol import parse_prompt_logprobs
 
     entries = [None,
                _vllm_position([(7, -0.5), (3, -1.25)], own=(11, -6.0, 40)),  # own token outside the top-2: dropped
@@ -76,7 +76,8 @@ def test_server_without_manifest_is_checked_as_vllm(tiny_assets):
     from transformers import AutoTokenizer
 
     from ds_distill.errors import DistillError
-    from ds_distill.served_teacher import PROBE_TEXT, ServedTeacher, TeacherClient
+    from ds_distill.served_protocol import PROBE_TEXT
+    from ds_distill.served_teacher import ServedTeacher, TeacherClient
 
     tok = AutoTokenizer.from_pretrained(tiny_assets["tokenizer"])
     srv = ThreadingHTTPServer(("127.0.0.1", 0), _FakeVLLM)
@@ -104,7 +105,7 @@ def test_server_without_manifest_is_checked_as_vllm(tiny_assets):
 def test_server_batches_concurrent_requests(tiny_assets, tmp_path):
     from ds_distill.config import parse_config
     from ds_distill.teacher_server import Batcher, TopKModel, completion_response
-    from ds_distill.served_teacher import binary_answer, parse_prompt_logprobs, read_binary_answer
+    from ds_distill.served_protocol import binary_answer, parse_prompt_logprobs, read_binary_answer
 
     cfg = parse_config(["--config", write_yaml(tiny_config(tiny_assets, tmp_path / "o", loss={"temperature": 2.0}),
                                                tmp_path / "c.yaml")])
