@@ -40,18 +40,24 @@ def served_bytes_per_token(hidden: int, vocab: int, k: int, tokens: int = 1024, 
     serve_s = time.perf_counter() - t0
     request = json.dumps({"prompt": prompts, "max_tokens": 1, "prompt_logprobs": k}).encode()
     n_rows = sum(per - 1 for _ in prompts)
-    from ds_distill.served_protocol import parse_prompt_logprobs
+    from ds_distill.served_protocol import binary_answer, parse_prompt_logprobs, read_binary_answer
 
     t0 = time.perf_counter()  # the client's cost: decode the JSON and read every prompt's rows
     choices = json.loads(answer)["choices"]
     for p, c in zip(prompts, choices):
         parse_prompt_logprobs(c["prompt_logprobs"], len(p), k, "bench")
     parse_us = (time.perf_counter() - t0) / n_rows * 1e6
+    t0 = time.perf_counter()  # the same rows as ds_distill's binary answer (serve_teacher's default for our client)
+    binary = binary_answer(rows, k)
+    read_binary_answer(binary, prompts, k)
+    binary_us = (time.perf_counter() - t0) / n_rows * 1e6
     return {
         "hidden_bf16": hidden * 2, "logits_bf16": vocab * 2,
         "topk_fp16": k * (4 + 2), "topk_fp32": k * (4 + 4),
         "served_json_answer": len(answer) / n_rows, "served_json_request": len(request) / (n_prompts * per),
+        "served_binary_answer": len(binary) / n_rows,
         "client_parse_us_per_token": parse_us, "server_json_us_per_token": serve_s / n_rows * 1e6,
+        "binary_both_sides_us_per_token": binary_us,
     }
 
 
@@ -71,7 +77,8 @@ def main(argv=None) -> int:
             continue
         print(f"  {name:22s} {v:12.1f}   x {v / b['hidden_bf16']:.3g}")
     print(f"  full logits / hidden states: {b['logits_bf16'] / b['hidden_bf16']:.1f}x; JSON answer / binary top-k "
-          f"fp16: {b['served_json_answer'] / b['topk_fp16']:.1f}x")
+          f"fp16: {b['served_json_answer'] / b['topk_fp16']:.1f}x; JSON / binary answer: "
+          f"{b['served_json_answer'] / b['served_binary_answer']:.1f}x")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "bytes_per_token": b}, f, indent=1)

@@ -68,7 +68,8 @@ class ServerRefused(DistillError):
 # ----------------------------------------------------------------------------------------------------------------
 
 class TeacherClient:
-    """JSON over HTTP to one teacher server, every request with a timeout and retries (module docstring)."""
+    """HTTP to one teacher server (JSON requests; JSON or binary answers), every request with a timeout and retries
+    (module docstring)."""
 
     def __init__(self, url: str, *, timeout_s: float, retries: int, backoff_s: float, rank: int = 0):
         self.url = url.rstrip("/")
