@@ -1,4 +1,5 @@
-"""A HF teacher behind HTTP, speaking the protocol of served_teacher.py / served_protocol.py (vLLM's completions with prompt_logprobs).
+"""A HF teacher behind HTTP, speaking the protocol of served_teacher.py / served_protocol.py (vLLM's completions
+with prompt_logprobs).
 
     python launch/serve_teacher.py --config X.yaml --port P [--host 127.0.0.1] [--top_k K] [--max_batch_tokens N]
 

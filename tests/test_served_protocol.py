@@ -111,7 +111,8 @@ def test_server_batches_concurrent_requests(tiny_assets, tmp_path):
                                                tmp_path / "c.yaml")])
     model = TopKModel(cfg, top_k=8, device=torch.device("cpu"), dtype=torch.float32)
     g = torch.Generator().manual_seed(0)
-    requests = [[torch.randint(0, 1000, (n,), generator=g).tolist() for n in lens] for lens in ([5, 17], [30], [3, 9, 12])]
+    requests = [[torch.randint(0, 1000, (n,), generator=g).tolist() for n in lens]
+                for lens in ([5, 17], [30], [3, 9, 12])]
     batcher = Batcher(model, max_batch_tokens=4096, start=False)
     answers = [None] * len(requests)
 
@@ -154,7 +155,8 @@ def test_config_checks_name_the_server_keys(tiny_assets, tmp_path):
     from ds_distill.errors import ConfigError
 
     def problems(**teacher_and_sections):
-        c = tiny_config(tiny_assets, tmp_path / "o", **{k: v for k, v in teacher_and_sections.items() if k != "teacher"})
+        sections = {k: v for k, v in teacher_and_sections.items() if k != "teacher"}
+        c = tiny_config(tiny_assets, tmp_path / "o", **sections)
         c["teacher"] = teacher_and_sections["teacher"]
         with pytest.raises(ConfigError) as e:
             validate(parse_config(["--config", write_yaml(c, tmp_path / "c.yaml")]))
@@ -173,6 +175,7 @@ def test_config_checks_name_the_server_keys(tiny_assets, tmp_path):
     assert "teacher.server_url: set together with teacher.path" in msg
 
 
+@pytest.mark.multirank
 def test_lost_server_stops_every_rank(tmp_path):
     """Two gloo ranks: when only rank 1 loses the server, both raise at the same step (the per-step collective)."""
     import math

@@ -1,6 +1,7 @@
 """Two plain gloo ranks (no DeepSpeed engine): ServedTeacher.host_side's per-step collective decision.
 
-    RANK=r WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 MASTER_PORT=p python tests/scripts/served_collective.py LIVE_PORT DEAD_URL OUT
+    RANK=r WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 MASTER_PORT=p \
+        python tests/scripts/served_collective.py LIVE_PORT DEAD_URL OUT
 
 Rank 0 serves well-formed completions answers on LIVE_PORT (every position: ids 0..k-1, log-probs log(1/(2k))).
 Step 1: both ranks ask the live server -> both get payloads. Step 2: rank 1 asks DEAD_URL (nothing listens) ->

@@ -4,9 +4,10 @@
 
 SPEC: {"caches": {name: {"config": dict, "cache_dir": D, "top_k": k, "dtype": s}},
        "runs": [{"name": n, "config": dict, "wait_for": url or null}], "refusals": {name: config_dict}, "out": path}
-In order: writes `caches` (write_cache at world size 1); runs each of `runs` as launch/train.py does (trainer.main,
-a DistillError printed and mapped to its exit code by the launcher's own `_fail`; stderr captured), after waiting for `wait_for`/health to answer; builds each of `refusals` and
-records the DistillError message (None if it built). Results -> out.
+In order: writes `caches` (write_cache at world size 1); runs each of `runs` as launch/train.py does
+(trainer.main, a DistillError printed and mapped to its exit code by the launcher's own `_fail`; stderr
+captured), after waiting for `wait_for`/health to answer; builds each of `refusals` and records the DistillError
+message (None if it built). Results -> out.
 """
 import contextlib
 import importlib.util
