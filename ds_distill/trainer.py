@@ -284,7 +284,8 @@ def build(cfg: DistillConfig) -> Run:
     served = None
     if cfg.teacher.server_url and cfg.loss.alpha > 0:
         served = served_teacher.build(cfg, rank)
-        served_message = served.verify(tokenizer=tokenizer, tokenizer_fp=teacher_cache.tokenizer_fingerprint(tokenizer),
+        served_message = served.verify(tokenizer=tokenizer,
+                                       tokenizer_fp=teacher_cache.tokenizer_fingerprint(tokenizer),
                                        max_length=cfg.data.max_length, temperature=cfg.loss.temperature)
 
     # --- student engine (loaded straight into ZeRO-3 shards at stage 3)
