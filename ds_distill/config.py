@@ -29,6 +29,21 @@ class TeacherConfig:
     cache: Optional[str] = None
     """Directory written by launch/cache_teacher.py holding the teacher's top-k per position. When set, no teacher
     model is loaded and the top-k loss is used with the cached distributions."""
+    server_url: Optional[str] = None
+    """Base URL of a served teacher (launch/serve_teacher.py, or vLLM's OpenAI-compatible server), e.g.
+    http://teacher-host:8000. Each step posts the micro-batches' token ids to <url>/v1/completions with
+    prompt_logprobs = loss.top_k and trains with loss.impl: topk from the returned top-k log-probs (the tail is one
+    minus their mass), as from teacher.cache; no teacher model is loaded. README: 'Served teacher'."""
+    server_model: Optional[str] = None
+    """The `model` field of the requests (vLLM's served model name). Default: the first model the server lists."""
+    server_timeout_s: float = 120.0
+    """Seconds a request to teacher.server_url may wait to connect, or for any part of the answer, before it counts
+    as failed (and is retried)."""
+    server_retries: int = 3
+    """Retries of a failed request (connection refused, timeout, HTTP 429/5xx) before the run stops (exit 2) with a
+    checkpoint of the last completed step."""
+    server_backoff_s: float = 1.0
+    """Wait before the first retry; doubled for each further retry."""
     ds_config: str = "ds_configs/teacher_zero3.json"
     """DeepSpeed JSON config of the teacher's inference engine (ZeRO-3, no optimizer)."""
     offload_params: bool = False
@@ -393,6 +408,41 @@ class DistillConfig:
             (same(path, self.student.path) and self.student.trust_remote_code)
 
 
+def validate_server(cfg: "DistillConfig") -> list[str]:
+    """Problems of teacher.server_url and its settings, as 'key: what -> fix' lines."""
+    t, p = cfg.teacher, []
+    if t.server_url is None:
+        return p
+    from urllib.parse import urlparse
+
+    u = urlparse(t.server_url)
+    if u.scheme not in ("http", "https") or not u.hostname:
+        p.append(f"teacher.server_url: {t.server_url!r} is not an http(s) URL -> e.g. http://teacher-host:8000")
+    if t.path is not None or t.cache is not None:
+        p.append("teacher.server_url: set together with teacher.path / teacher.cache -> give one teacher source "
+                 "(the server replaces the model)")
+    if cfg.loss.impl != "topk":
+        p.append(f"loss.impl: '{cfg.loss.impl}' cannot use teacher.server_url (it returns only the top-k) -> set "
+                 "loss.impl: topk")
+    if cfg.data.packing:
+        p.append("data.packing: true cannot be used with teacher.server_url (it scores one sample per prompt) -> "
+                 "set data.packing: false")
+    if not t.server_timeout_s > 0:
+        p.append(f"teacher.server_timeout_s: {t.server_timeout_s} must be > 0")
+    if t.server_retries < 0:
+        p.append(f"teacher.server_retries: {t.server_retries} must be >= 0")
+    if t.server_backoff_s < 0:
+        p.append(f"teacher.server_backoff_s: {t.server_backoff_s} must be >= 0")
+    # the whole retry budget must fit in the watchdog's: a rank waiting on the server makes no progress meanwhile
+    worst = (t.server_retries + 1) * t.server_timeout_s + t.server_backoff_s * (2 ** max(t.server_retries, 0) - 1)
+    wd = cfg.train.watchdog_timeout_s
+    if wd > 0 and not p and worst >= wd:
+        p.append(f"teacher.server_timeout_s / server_retries / server_backoff_s: up to {worst:g} s of waiting on "
+                 f"the server, not below train.watchdog_timeout_s ({wd:g}) -> fewer retries, a shorter timeout, or "
+                 "a longer watchdog")
+    return p
+
+
 def validate(cfg: DistillConfig, world_size: Optional[int] = None) -> None:
     """Check the config's semantics in one pass; raise one ConfigError naming every bad key and its fix."""
     p: list[str] = []
@@ -401,9 +451,10 @@ def validate(cfg: DistillConfig, world_size: Optional[int] = None) -> None:
         p.append("student.path: required -> set it to a local Hugging Face model directory")
     if not 0.0 <= L.alpha <= 1.0:
         p.append(f"loss.alpha: {L.alpha} is outside [0, 1] -> use 0 for CE only, 1 for KD only")
-    if L.alpha > 0 and cfg.teacher.path is None and cfg.teacher.cache is None:
-        p.append(f"loss.alpha: {L.alpha} > 0 needs a teacher -> set teacher.path (or teacher.cache), "
-                 "or loss.alpha: 0 for CE-only training")
+    if L.alpha > 0 and cfg.teacher.path is None and cfg.teacher.cache is None and cfg.teacher.server_url is None:
+        p.append(f"loss.alpha: {L.alpha} > 0 needs a teacher -> set teacher.path (or teacher.cache, or "
+                 "teacher.server_url), or loss.alpha: 0 for CE-only training")
+    p += validate_server(cfg)  # teacher.server_* (served_teacher.py)
     if cfg.teacher.path is not None and cfg.teacher.cache is not None:
         p.append("teacher.cache: set together with teacher.path -> give one of them (the cache replaces the model)")
     if D.pack_length != 0 and D.pack_length < D.max_length:

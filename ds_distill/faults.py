@@ -11,6 +11,8 @@ knows about faults.
   the checkpoint of that step, after DeepSpeed wrote its files and before COMPLETE), nan (the student's loss of
   that step becomes NaN on that rank).
 - DS_DISTILL_CACHE_STOP_AFTER_BATCHES=N: the cache writer leaves half a shard file and exits (75) after N batches.
+- DS_DISTILL_SERVE_FAULTS="error:N,delay:N:SECONDS,exit:N" (launch/serve_teacher.py): answer HTTP 503 to the N-th
+  completions request, sleep before answering it, or exit when it arrives (the server is gone).
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from .errors import DistillError
 
 FAULTS_ENV = "DS_DISTILL_TEST_FAULTS"
 CACHE_STOP_ENV = "DS_DISTILL_CACHE_STOP_AFTER_BATCHES"
+SERVE_FAULTS_ENV = "DS_DISTILL_SERVE_FAULTS"
 
 
 def parse() -> dict[str, tuple[int, Optional[int]]]:
@@ -97,3 +100,30 @@ def cache_stop(batches_done: int, partial_shard_path: str, rank: int) -> None:
         print(f"[cache_teacher] rank {rank}: {CACHE_STOP_ENV}={stop_after}: exiting after batch {batches_done}",
               flush=True)
         os._exit(75)
+
+
+def serve_faults() -> dict[int, tuple[str, float]]:
+    """DS_DISTILL_SERVE_FAULTS 'error:2,delay:4:1.5,exit:6' -> {2: ('error', 0), 4: ('delay', 1.5), 6: ('exit', 0)}."""
+    out = {}
+    for item in filter(None, (s.strip() for s in os.environ.get(SERVE_FAULTS_ENV, "").split(","))):
+        parts = item.split(":")
+        if parts[0] not in ("error", "delay", "exit") or len(parts) != (3 if parts[0] == "delay" else 2):
+            raise DistillError(f"{SERVE_FAULTS_ENV}: {item!r} is not error:N, delay:N:SECONDS or exit:N")
+        out[int(parts[1])] = (parts[0], float(parts[2]) if parts[0] == "delay" else 0.0)
+    return out
+
+
+def at_served_request(faults: dict, nth: int) -> Optional[str]:
+    """The teacher server's hook before answering its nth completions request: exits the process (exit), sleeps
+    (delay) or returns an error message for an HTTP 503 (error); None otherwise."""
+    kind, arg = faults.get(nth, (None, 0.0))
+    if kind == "exit":
+        print(f"[serve_teacher] fault: exiting at completions request {nth}", file=sys.stderr, flush=True)
+        os._exit(3)
+    if kind == "error":
+        print(f"[serve_teacher] fault: HTTP 503 to completions request {nth}", file=sys.stderr, flush=True)
+        return f"injected fault at request {nth}"
+    if kind == "delay":
+        print(f"[serve_teacher] fault: {arg:g} s delay before completions request {nth}", file=sys.stderr, flush=True)
+        time.sleep(arg)
+    return None

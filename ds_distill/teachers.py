@@ -16,6 +16,8 @@ Kinds (the `KINDS` registry names the module that provides each):
   replica per rank (replicate): `EngineTeacher`.
 - `cache`: an offline top-k cache written by launch/cache_teacher.py (teacher.cache): `CachedTeacher`.
 - `none`: CE only (loss.alpha 0): `NoTeacher`.
+- `server`: a served teacher (teacher.server_url) answering with top-k log-probs: `served_teacher.ServedTeacher`
+  (registered in `KINDS` when that module is imported).
 
 A new kind (generated completions scored by the teacher, a teacher on its own ranks, a served teacher) is a new
 class with these three members, plus a config value that `trainer.build` maps to it; the step does not change.
@@ -30,6 +32,13 @@ import torch
 from . import engines
 from .errors import DataError
 from .heads import IDENTITY, HeadTransform
+
+
+def check_topk_ids(ids: torch.Tensor, vocab_size: int, key: str, fix: str) -> None:
+    """Top-k ids from outside the process (a cache, a server) must lie in the run's vocabulary [0, vocab_size)."""
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
+        raise DataError(f"{key}: top-k ids in [{int(ids.min())}, {int(ids.max())}], outside [0, {vocab_size}) -> "
+                        f"{fix}")
 
 
 class TeacherSource(Protocol):
@@ -106,9 +115,7 @@ class CachedTeacher:
         out = []
         for mb in micro_batches:  # rows by sample id, aligned with labels[:, 1:]: [B, S-1, k] each
             ids, lps = self.cache.batch(mb["sample_ids"], mb["attention_mask"])
-            if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
-                raise DataError(f"teacher.cache: top-k ids outside [0, {vocab_size}) -> rebuild the cache with "
-                                   "this run's teacher and tokenizer")
+            check_topk_ids(ids, vocab_size, "teacher.cache", "rebuild the cache with this run's teacher and tokenizer")
             out.append((ids, lps))
         return out
 

@@ -20,7 +20,8 @@ from typing import Optional
 
 import torch
 
-from . import assembly, checkpoint, data, engines, faults, guards, lora, models, teacher_cache, teachers, vocab
+from . import (assembly, checkpoint, data, engines, faults, guards, lora, models, served_teacher, teacher_cache,
+               teachers, vocab)
 from .config import DistillConfig, to_dict
 from .errors import ConfigError, DistillError, ModelError, NonFiniteError
 from .losses import HEALTH_METRICS, LossSpec
@@ -329,6 +330,13 @@ def build(cfg: DistillConfig) -> Run:
         topk_cache.verify(tokenizer_fp=teacher_cache.tokenizer_fingerprint(tokenizer),
                           data_fp=teacher_cache.data_fingerprint(train_ds), max_length=cfg.data.max_length,
                           top_k=cfg.loss.top_k, temperature=cfg.loss.temperature)
+    # --- served teacher: its identity checked against this run's tokenizer before any model loads
+    served = None
+    if cfg.teacher.server_url and cfg.loss.alpha > 0:
+        served = served_teacher.build(cfg, rank)
+        served_message = served.verify(tokenizer=tokenizer,
+                                       tokenizer_fp=teacher_cache.tokenizer_fingerprint(tokenizer),
+                                       max_length=cfg.data.max_length, temperature=cfg.loss.temperature)
 
     student_engine, student = build_student(cfg, rank=rank, world=world, precision=precision)
 
@@ -353,7 +361,11 @@ def build(cfg: DistillConfig) -> Run:
         topk_cache.check_vocab_size(vocab_size)
         vocab_message += "\n" + topk_cache.describe()
 
-    if topk_cache is not None:
+    if served is not None:
+        served.check_vocab_size(vocab_size)
+        vocab_message += "\n" + served_message
+        source = served
+    elif topk_cache is not None:
         source = teachers.CachedTeacher(topk_cache)
     elif teacher_engine is not None:
         source = teachers.EngineTeacher(teacher_engine, sharding)
@@ -780,8 +792,14 @@ def train(run: Run, tracker: Tracker, watchdog: Optional[guards.Watchdog] = None
         else:
             pos_before, rng_before = run.stream.samples_consumed, checkpoint.rng_state()
             micro_batches = [next(run.stream) for _ in range(cfg.train.grad_accum_steps)]
-        sums = train_step(run, micro_batches, guard=guard, before_step=None if guard.discards else
-                          lambda _: guard.check_grads(eng.module.parameters()))
+        try:
+            sums = train_step(run, micro_batches, guard=guard, before_step=None if guard.discards else
+                              lambda _: guard.check_grads(eng.module.parameters()))
+        except served_teacher.TeacherUnavailable as e:  # raised on every rank before any forward of this step:
+            run.stream.samples_consumed = pos_before  # the weights are the last step's; keep them
+            path = save_checkpoint(run, rng=rng_before)
+            raise served_teacher.TeacherUnavailable(f"{e}. The last completed step {run.state.step} is saved in "
+                                                    f"{path}") from None
         try:
             skipped = guard.after_step(eng.was_step_applied(), fp16=eng.fp16_enabled())
         except NonFiniteError as e:  # the weights are still those of step - 1: checkpoint them, then stop
