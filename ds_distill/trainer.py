@@ -20,7 +20,7 @@ from typing import Optional
 
 import torch
 
-from . import checkpoint, data, engines, guards, lora, models, teacher_cache, teachers, vocab
+from . import checkpoint, data, engines, guards, lora, models, teacher_apart, teacher_cache, teachers, vocab
 from .config import DistillConfig, to_dict, validate
 from .errors import ConfigError, DistillError, ModelError, NonFiniteError
 from .losses import LossSpec
@@ -64,7 +64,7 @@ class Run:
 
 # What a run writes (and overwrite_output_dir removes).
 OUTPUT_NAMES = ("checkpoints", "metrics.jsonl", "final", "final_adapter", "wandb", "report.md", "report_data.json",
-                "losses.png", "eval_ppl.png", "gap.png", "generations.md", "tasks")
+                "losses.png", "eval_ppl.png", "gap.png", "generations.md", "tasks", teacher_apart.TIMELINE_DIR)
 
 
 def check_output_dir(cfg: DistillConfig, rank: int) -> bool:
@@ -319,7 +319,11 @@ def build(cfg: DistillConfig) -> Run:
     # --- teacher: ZeRO-3 inference engine with its own DeepSpeed config
     teacher_engine = None
     teacher_rows = None
-    if cfg.teacher.path and cfg.loss.alpha > 0:
+    apart = None  # teacher.placement: separate (issue 16): the teacher's head arrives from its rank
+    if cfg.teacher.placement == "separate" and cfg.loss.alpha > 0:
+        apart = teacher_apart.connect_student(cfg, rank)
+        teacher_rows = apart.vocab_rows
+    elif cfg.teacher.path and cfg.loss.alpha > 0:
         # one decision for all ranks (GPUs of different sizes must not give ranks different teacher layouts)
         sharding = engines.broadcast_object(teacher_sharding(cfg, dtype) if rank == 0 else None)
         if rank == 0:
@@ -352,6 +356,8 @@ def build(cfg: DistillConfig) -> Run:
 
     if topk_cache is not None:
         source = teachers.CachedTeacher(topk_cache)
+    elif apart is not None:
+        source = apart
     elif teacher_engine is not None:
         source = teachers.EngineTeacher(teacher_engine, sharding)
     else:
@@ -369,6 +375,8 @@ def build(cfg: DistillConfig) -> Run:
         t_head = teacher_engine.module.head
         vocab_message += (f"\nteacher head: {_model_type(teacher_engine.module.model)} ({t_head.transform.describe()}"
                           + (", bias" if t_head.bias is not None else "") + ")")
+    if apart is not None:
+        vocab_message += "\n" + apart.describe()
 
     compiled, compile_message = compiled_loss(
         cfg, {**loss_spec.kwargs(), "student_transform": wrapper_s.transform}, engines.device())
@@ -407,6 +415,9 @@ def build(cfg: DistillConfig) -> Run:
                                    if cfg.data.packing else 0)
     if state.data_state:
         stream.load_state_dict(state.data_state)  # same seed, rows and world size, or a DataError
+    if apart is not None:  # the teacher ranks read the same rows from here on
+        apart.start(stream.state_dict(), state.step, max(0, T.max_steps - state.step) * T.grad_accum_steps,
+                    T.grad_accum_steps)
     state.extra["run"] = run_identity(cfg)
     state.extra["schedule"] = schedule_settings(cfg)
     run = Run(cfg=cfg, rank=rank, world_size=world, tokenizer=tokenizer, student_engine=student_engine,
@@ -836,6 +847,10 @@ def main(cfg: DistillConfig) -> int:
     stop_watch = None
     code = 1
     try:
+        # teacher.placement: separate (issue 16): the teacher ranks run teacher_apart.serve instead of training
+        if cfg.teacher.placement == "separate" and teacher_apart.start(cfg) == "teacher":
+            code = teacher_apart.serve(cfg)
+            return code
         run = build(cfg)
         run.state.wandb_run_id = run.state.wandb_run_id or None
         tracker = Tracker(output_dir=cfg.output_dir, is_rank0=run.rank == 0, total_steps=cfg.train.max_steps,
