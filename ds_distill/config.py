@@ -411,8 +411,8 @@ def validate(cfg: DistillConfig, world_size: Optional[int] = None) -> None:
                  f"({world_size}) -> use the GPUs per node")
     tc = cfg.teacher
     if tc.ranks < 1:
-        p.append(f"teacher.ranks: {tc.ranks} must be >= 1 (the ranks that run the teacher with teacher.placement: "
-                 "separate)")
+        p.append(f"teacher.ranks: {tc.ranks} must be >= 1 -> the number of launched ranks that run the teacher "
+                 "with teacher.placement: separate (default 1)")
     if tc.placement == "separate":
         if tc.path is None:
             p.append("teacher.placement: separate needs teacher.path (a model for the teacher ranks to run) -> set "

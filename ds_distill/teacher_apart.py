@@ -21,8 +21,9 @@ s % K.
     exit 0
 
 The teacher works ahead: it computes micro-batch i+1 while the students run backward and step on i. Both sides write
-a timeline (output_dir/teacher_apart/*.jsonl: teacher forward start/end per micro-batch, student wait and forward
-end) from which tests and benchmarks/teacher_apart.py read the overlap and the students' waiting time.
+a timeline (output_dir/teacher_apart/*.jsonl, one row per micro-batch, `index` counting micro-batches from the
+start of training over resumes: the teacher's forward start/end, the student's wait and forward end) from which
+tests and benchmarks/teacher_apart.py read the overlap and the students' waiting time.
 
 Failure: a peer that dies closes its sockets and the other side's wait raises; a teacher rank's loss stops the
 students it serves with `TeacherLost` naming it (the last complete checkpoint is intact; the same command resumes,
@@ -206,7 +207,8 @@ class ApartTeacher:
             self._wait(self.pl.send(bye, self.src, TAG_BYE), "the end of the run")
         yield {"teacher_hidden": hidden.to(dev, non_blocking=True), "teacher_weight": self.weight,
                "teacher_bias": self.bias}
-        self.timeline.write({"index": self.index - 1, "step": step, "wait_start": t0, "received": received,
+        self.timeline.write({"index": self._step0 * self._accum + self.index - 1, "step": step,
+                             "wait_start": t0, "received": received,
                              "wait_s": received - t0, "forward_end": time.time()})
 
 
@@ -279,8 +281,8 @@ def serve(cfg: DistillConfig) -> int:
         ds_cfg = engines.teacher_ds_config(cfg.teacher.ds_config, micro_batch_size=T.micro_batch_size, world_size=K,
                                            precision=precision, offload_params=cfg.teacher.offload_params)
         engine = engines.build_teacher_engine(models.TeacherHidden(engines.load_partitioned(load, ds_cfg)), ds_cfg)
-    print(f"[ds_distill] {tag}: teacher loaded ({sharding} over {K} teacher rank(s)), {engines.describe_device(precision)}",
-          flush=True)
+    print(f"[ds_distill] {tag}: teacher loaded ({sharding} over {K} teacher rank(s)), "
+          f"{engines.describe_device(precision)}", flush=True)
 
     def wait_for(s: int, what: str):
         def w(work):
@@ -341,7 +343,8 @@ def serve(cfg: DistillConfig) -> int:
                 header = _header(i, mb).to(where)
                 pending.append((s, [pl.send(header, s, TAG_HEADER), pl.send(hidden, s, TAG_HIDDEN)],
                                 (header, hidden)))
-                timeline.write({"student": s, "index": i, "step": step, "forward_start": start_t,
+                timeline.write({"student": s, "index": step0 * T.grad_accum_steps + i, "step": step,
+                                "forward_start": start_t,
                                 "forward_end": end_t})
                 while len(pending) > QUEUE_DEPTH * len(served):  # bounded: wait for the oldest send
                     s_old, works, _ = pending.popleft()
