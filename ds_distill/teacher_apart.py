@@ -49,7 +49,7 @@ from .heads import HeadTransform
 # bridge message tags (each pair of ranks matches sends and receives by tag, in order)
 TAG_META, TAG_WEIGHT, TAG_BIAS, TAG_START, TAG_HEADER, TAG_HIDDEN, TAG_BYE = 1, 2, 3, 4, 5, 6, 7
 HEADER_LEN = 6  # [index, B, S, number of sample ids, sum of ids, sum of squared ids]
-QUEUE_DEPTH = 2  # micro-batches a teacher may have in flight per student beyond the one being received
+QUEUE_DEPTH = planner.SEPARATE_QUEUE_DEPTH  # micro-batches a teacher rank keeps in flight per student (bounded)
 TIMELINE_DIR = "teacher_apart"
 
 
