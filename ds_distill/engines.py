@@ -108,6 +108,15 @@ class Placement:
         """Student ranks (= their global ranks) served by teacher `teacher_local_rank` (its rank among teachers)."""
         return [s for s in range(self.students) if s % self.teacher_ranks == teacher_local_rank]
 
+    DONE_TAG = 1000  # a student's last message to its teacher rank: its process ends normally (`shutdown`)
+
+    def say_done(self) -> None:
+        """Student: tell the teacher rank this process ends normally (the teacher waits for it, so that under
+        srun --wait it does not exit while the students still export and evaluate)."""
+        if self.role == "student":
+            self.send(torch.ones(1, dtype=torch.int64, device=device() if not on_cpu() else "cpu"),
+                      self.teacher_of(self.global_rank), self.DONE_TAG).wait()
+
     def send(self, tensor: torch.Tensor, dst: int, tag: int):
         """Asynchronous point-to-point send over the bridge (global ranks); returns the work to wait on."""
         return self.bridge.send([tensor], dst, tag)
@@ -143,6 +152,10 @@ def split_roles(teacher_ranks: int, timeout_s: float) -> Placement:
     backend = "nccl" if on_gpu else "gloo"
     dist.init_process_group(backend, store=dist.PrefixStore(f"{role}/", store), rank=rank, world_size=size,
                             timeout=timeout)
+    # The bridge waits have no deadline of their own: a peer that dies closes its connections (the wait raises at
+    # once), one that hangs is ended by its watchdog; a teacher rank waits for its students' normal end (their
+    # export and evaluation: engines.shutdown) however long it takes.
+    timeout = datetime.timedelta(days=7)
     bridge_store = dist.PrefixStore("bridge/", store)
     if on_gpu:  # hidden states go GPU to GPU (NCCL send/recv); untested here (no GPU on the test machines)
         opts = dist.ProcessGroupNCCL.Options()
@@ -684,6 +697,8 @@ def shutdown(failed: bool = False) -> None:
     rank must exit (and print) now, not when the process-group timeout fires."""
     if not dist.is_initialized():
         return
+    if _PLACEMENT is not None and not failed:
+        _PLACEMENT.say_done()
     if failed:
         abort = getattr(dist.distributed_c10d, "_abort_process_group", None)
         try:

@@ -17,8 +17,8 @@ s % K.
     ... up to QUEUE_DEPTH micro-batches ahead
       of each student (bounded: it waits for the
       oldest send before it computes more)
-                                             <---   bye, after the last micro-batch
-    exit 0
+                                             <---   done, when the student process ends normally
+    exit 0                                          (engines.shutdown: after its export, eval, report)
 
 The teacher works ahead: it computes micro-batch i+1 while the students run backward and step on i. Both sides write
 a timeline (output_dir/teacher_apart/*.jsonl, one row per micro-batch, `index` counting micro-batches from the
@@ -47,7 +47,7 @@ from .errors import DistillError
 from .heads import HeadTransform
 
 # bridge message tags (each pair of ranks matches sends and receives by tag, in order)
-TAG_META, TAG_WEIGHT, TAG_BIAS, TAG_START, TAG_HEADER, TAG_HIDDEN, TAG_BYE = 1, 2, 3, 4, 5, 6, 7
+TAG_META, TAG_WEIGHT, TAG_BIAS, TAG_START, TAG_HEADER, TAG_HIDDEN = 1, 2, 3, 4, 5, 6  # + Placement.DONE_TAG
 HEADER_LEN = 6  # [index, B, S, number of sample ids, sum of ids, sum of squared ids]
 QUEUE_DEPTH = planner.SEPARATE_QUEUE_DEPTH  # micro-batches a teacher rank keeps in flight per student (bounded)
 TIMELINE_DIR = "teacher_apart"
@@ -160,9 +160,6 @@ class ApartTeacher:
             self._wait(w, "the start message")
         if self.remaining:
             self._post_header()
-        else:  # nothing to train (resumed at train.max_steps): release the teacher now
-            self._wait(self.pl.send(torch.ones(1, dtype=torch.int64, device=self.where), self.src, TAG_BYE),
-                       "the end of the run")
 
     def _post_header(self) -> None:
         self._header_work = self.pl.recv(self._header_buf, self.src, TAG_HEADER)
@@ -203,8 +200,6 @@ class ApartTeacher:
             self._post_header()  # the next header may arrive while this micro-batch trains
         else:
             self._header_work = None
-            bye = torch.ones(1, dtype=torch.int64, device=self.where)
-            self._wait(self.pl.send(bye, self.src, TAG_BYE), "the end of the run")
         yield {"teacher_hidden": hidden.to(dev, non_blocking=True), "teacher_weight": self.weight,
                "teacher_bias": self.bias}
         self.timeline.write({"index": self._step0 * self._accum + self.index - 1, "step": step,
@@ -254,7 +249,7 @@ def _sharding(cfg: DistillConfig, dtype: torch.dtype) -> str:
 
 def serve(cfg: DistillConfig) -> int:
     """A teacher rank's whole run: load, send the head, then hidden states for every micro-batch its students
-    announced, QUEUE_DEPTH ahead of each; returns the exit code (0 once every student said bye)."""
+    announced, QUEUE_DEPTH ahead of each; returns the exit code (0 once every student said done)."""
     pl = engines.placement()
     rank, K, S = torch.distributed.get_rank(), pl.teacher_ranks, pl.students
     validate(cfg, S)
@@ -355,9 +350,12 @@ def serve(cfg: DistillConfig) -> int:
             s_old, works, _ = pending.popleft()
             for w in works:
                 wait_for(s_old, "a micro-batch to be received")(w)
-        for s in served:
-            bye = torch.zeros(1, dtype=torch.int64, device=where)
-            wait_for(s, "its end of the run")(pl.recv(bye, s, TAG_BYE))
+        # the students' end (engines.shutdown): after their export, evaluation and report, which may take long
+        # (no watchdog here: a student that hangs is ended by its own watchdog, which closes its connection)
+        watchdog.stop()
+        done = {s: (pl.recv(torch.zeros(1, dtype=torch.int64, device=where), s, pl.DONE_TAG)) for s in served}
+        for s, w in done.items():
+            wait_for(s, "its end of the run")(w)  # raises StudentLost when it died instead
     finally:
         watchdog.stop()
         timeline.close()
