@@ -247,9 +247,39 @@ def _sharding(cfg: DistillConfig, dtype: torch.dtype) -> str:
     return planner.auto_teacher_sharding(size, memory, offload_params=cfg.teacher.offload_params)
 
 
-def serve(cfg: DistillConfig) -> int:
-    """A teacher rank's whole run: load, send the head, then hidden states for every micro-batch its students
-    announced, QUEUE_DEPTH ahead of each; returns the exit code (0 once every student said done)."""
+def probe_head(engine, mb: dict, positions: int, tolerance: float, path: str) -> float:
+    """The start-up probe of the teacher's head (trainer.probe_heads does it for a colocated teacher): the model's own
+    HF forward and the fused head (lm_head, bias, transform) on the first `positions` tokens of `mb`'s first row
+    must agree within `tolerance` of the largest logit, or a ModelError (exit 2) names the teacher. Collective over
+    the teacher ranks (ZeRO-3 gathers); returns the largest relative difference."""
+    from .errors import ModelError
+
+    dev = engines.device()
+    ids, mask = mb["input_ids"][:1, :positions].to(dev), mb["attention_mask"][:1, :positions].to(dev)
+    head = engine.module.head
+    with torch.no_grad():
+        own, hidden = engine(ids, mask, probe=True)  # [1, n, V], [1, n, H]
+        with engines.gathered(head.params()):
+            fused = head.logits(hidden)
+    if hasattr(engine, "optimizer"):  # a ZeRO-3 engine: drop the one-off forward's module order
+        engines.forget_forward_trace(engine)
+    keep = mask.bool()
+    diff = (own.float() - fused.float()).abs()[keep].max()
+    rel = torch.stack([diff / own.float().abs()[keep].max().clamp_min(1e-6), diff]).double()
+    rel = engines.all_reduce_max(rel).tolist()
+    if not rel[0] <= tolerance:  # also catches NaN
+        raise ModelError(
+            f"teacher.path '{path}' (model_type '{getattr(engine.module.model.config, 'model_type', '?')}'): the "
+            f"model's own forward gives other logits than the fused head (transform {head.transform.describe()}): "
+            f"largest difference {rel[1]:.4g} = {rel[0]:.3g} of the largest logit (tolerance {tolerance:g}) -> its "
+            "forward does something ds_distill's head table (ds_distill/heads.py FAMILIES) does not know: add its "
+            "logit transform there (README: 'Model families'), or use a supported model")
+    return rel[0]
+
+
+def serve(cfg: DistillConfig, probe_positions: int = 16, probe_tolerance: float = 1e-3) -> int:
+    """A teacher rank's whole run: load, probe and send the head, then hidden states for every micro-batch its
+    students announced, QUEUE_DEPTH ahead of each; returns the exit code (0 once every student said done)."""
     pl = engines.placement()
     rank, K, S = torch.distributed.get_rank(), pl.teacher_ranks, pl.students
     validate(cfg, S)
@@ -289,6 +319,14 @@ def serve(cfg: DistillConfig) -> int:
                                   "too") from None
         return w
 
+    pack = (cfg.data.pack_length or 2 * cfg.data.max_length) if cfg.data.packing else 0
+    first = next(data.MicroBatchStream(train_ds, rank=served[0] if served else 0, world_size=S,
+                                       micro_batch_size=T.micro_batch_size, seed=T.seed,
+                                       pad_token_id=tokenizer.pad_token_id, pack_capacity=pack))
+    rel = probe_head(engine, first, probe_positions, probe_tolerance, cfg.teacher.path)
+    print(f"[ds_distill] {tag}: head probe: the fused head reproduces the teacher's own forward (largest difference "
+          f"{rel:.2g} of the largest logit)", flush=True)
+
     # the head, whole (gathered: collective over the teacher ranks), once to each served student
     head = engine.module.head
     with engines.gathered(head.params()):
@@ -311,7 +349,6 @@ def serve(cfg: DistillConfig) -> int:
                            "they resumed from different checkpoints; resume all from the same one")
     n = next(iter(counts.values()), 0)
     step0 = int(next(iter(starts.values()))["step"]) if starts else 0
-    pack = (cfg.data.pack_length or 2 * cfg.data.max_length) if cfg.data.packing else 0
     streams = {}
     for s, m in starts.items():
         streams[s] = data.MicroBatchStream(train_ds, rank=s, world_size=S, micro_batch_size=T.micro_batch_size,

@@ -849,7 +849,8 @@ def main(cfg: DistillConfig) -> int:
     try:
         # teacher.placement: separate (issue 16): the teacher ranks run teacher_apart.serve instead of training
         if cfg.teacher.placement == "separate" and teacher_apart.start(cfg) == "teacher":
-            code = teacher_apart.serve(cfg)
+            code = teacher_apart.serve(cfg, PROBE_POSITIONS,
+                                       PROBE_TOLERANCE[engines.resolve_precision(cfg.train.precision)])
             return code
         run = build(cfg)
         run.state.wandb_run_id = run.state.wandb_run_id or None

@@ -65,3 +65,25 @@ def test_rank_mapping_serves_every_student_once():
     assert pl.students == 4
     assert [pl.teacher_of(s) for s in range(4)] == [4, 5, 4, 5]
     assert pl.students_of(0) == [0, 2] and pl.students_of(1) == [1, 3]
+
+
+def test_teacher_rank_probe_refuses_a_head_its_forward_does_not_apply(tiny_assets):
+    """The teacher ranks' start-up probe (teacher_apart.probe_head) on the tiny teacher: passes as it is, and refuses
+    (ModelError naming teacher.path) once the config claims a Cohere logit scale that its Qwen3 forward never applies
+    (the fused head would then differ from the model's own logits)."""
+    import torch
+
+    from ds_distill import engines, models, teacher_apart
+    from ds_distill.errors import ModelError
+
+    model = models.load_causal_lm(tiny_assets["teacher"], dtype=torch.float32)
+    with torch.no_grad():
+        model.model.norm.weight.mul_(50.0)  # large logits: the transform must change them visibly
+    engine = engines.ReplicatedTeacher(models.TeacherHidden(model), torch.device("cpu"))
+    ids = torch.arange(3, 23).reshape(1, 20)
+    mb = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    assert teacher_apart.probe_head(engine, mb, 16, 1e-3, tiny_assets["teacher"]) <= 1e-5
+    model.config.model_type, model.config.logit_scale = "cohere", 0.5
+    with pytest.raises(ModelError) as e:
+        teacher_apart.probe_head(engine, mb, 16, 1e-3, tiny_assets["teacher"])
+    assert f"teacher.path '{tiny_assets['teacher']}'" in str(e.value) and "x 0.5" in str(e.value), str(e.value)
