@@ -87,3 +87,28 @@ def test_teacher_rank_probe_refuses_a_head_its_forward_does_not_apply(tiny_asset
     with pytest.raises(ModelError) as e:
         teacher_apart.probe_head(engine, mb, 16, 1e-3, tiny_assets["teacher"])
     assert f"teacher.path '{tiny_assets['teacher']}'" in str(e.value) and "x 0.5" in str(e.value), str(e.value)
+
+
+def test_a_student_refuses_hidden_states_of_another_micro_batch(tmp_path):
+    """Over the real role split and gloo bridge (2 processes, no DeepSpeed engine): the head arrives whole, and a
+    header naming other sample ids than the student's micro-batch is refused before any hidden state is used."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from conftest import free_port
+
+    port, procs = str(free_port()), []
+    for r in (0, 1):
+        env = dict(os.environ, RANK=str(r), WORLD_SIZE="2", LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=port, OMP_NUM_THREADS="1")
+        procs.append(subprocess.Popen([sys.executable, str(ROOT / "tests" / "scripts" / "apart_mismatch.py"),
+                                       str(tmp_path)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True))
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    res = json.loads([ln for ln in outs[0][0].splitlines() if ln.startswith("RESULT ")][0][len("RESULT "):])
+    assert res["weight_ok"], res
+    assert res["error"] and "teacher rank 1 sent micro-batch [0, 2, 5, 2, 11, 73]" in res["error"] \
+        and "student rank 0 has [0, 2, 5, 2, 10, 58]" in res["error"], res
