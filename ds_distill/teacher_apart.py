@@ -174,7 +174,8 @@ class ApartTeacher:
                 "checkpoint in output_dir/checkpoints is intact: run the same command to resume") from None
 
     def host_side(self, micro_batches: list[dict], vocab_size: int) -> list[Optional[object]]:
-        return [None] * len(micro_batches)
+        """The header each micro-batch's hidden states must come with (computed here, on the host copy)."""
+        return [_header(self.index + k, mb).tolist() for k, mb in enumerate(micro_batches)]
 
     @contextlib.contextmanager
     def side(self, batch: dict, payload, dev: torch.device) -> Iterator[dict]:
@@ -184,8 +185,8 @@ class ApartTeacher:
         step = self._step0 + self.index // self._accum + 1
         t0 = time.time()
         self._wait(self._header_work, f"micro-batch {self.index} (step {step})")
-        got = self._header_buf.tolist()
-        want = _header(self.index, {"sample_ids": batch["sample_ids"].cpu(), "input_ids": batch["input_ids"]}).tolist()
+        got = self._header_buf.tolist()  # under NCCL: the one host synchronisation of this source per micro-batch
+        want = payload if payload is not None else _header(self.index, batch).tolist()
         if got != want:
             raise DistillError(f"teacher.placement: separate: teacher rank {self.src} sent micro-batch {got} "
                                f"(index, rows, length, sample-id checksums) where student rank {self.rank} has "
