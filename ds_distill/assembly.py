@@ -96,6 +96,19 @@ def datasets(cfg: DistillConfig, tokenizer):
     return train, held_out
 
 
+def teacher_sharding(cfg: DistillConfig, dtype: torch.dtype) -> str:
+    """teacher.sharding resolved: auto -> replicate or zero3 (planner.auto_teacher_sharding: from the teacher's size
+    in config.json and this device's memory)."""
+    if cfg.teacher.sharding != "auto":
+        return cfg.teacher.sharding
+    from . import planner
+
+    memory = None if engines.on_cpu() else engines.device_memory_bytes()
+    size = planner.read_arch(cfg.teacher.path, cfg.teacher.trust_remote_code).params * dtype.itemsize if memory \
+        else 0
+    return planner.auto_teacher_sharding(size, memory, offload_params=cfg.teacher.offload_params)
+
+
 def load_teacher_model(cfg: DistillConfig, dtype: torch.dtype):
     return models.load_causal_lm(cfg.teacher.path, dtype=dtype, trust_remote_code=cfg.teacher.trust_remote_code,
                                  allow_pickle=cfg.teacher.allow_pickle_weights)

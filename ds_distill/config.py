@@ -55,6 +55,18 @@ class TeacherConfig:
     a plain inference module with no collective. auto: replicate on GPUs when its weights take at most a quarter of
     one GPU's memory and teacher.offload_params is off, zero3 otherwise and on CPU ranks (they share the host's
     memory). The same results either way; launch/plan.py compares the two."""
+    placement: Literal["colocated", "separate"] = "colocated"
+    """colocated: the teacher runs on the training ranks (teacher.sharding). separate: the last teacher.ranks of the
+    launched ranks run only the teacher (ZeRO-3 over themselves, or a replica each: teacher.sharding) and the others
+    train the student with ZeRO over the student ranks only; the teacher ranks read the same micro-batches, send
+    their final hidden states point to point to the students they serve (gloo on CPU, NCCL on GPUs) and work ahead
+    of them; the teacher's lm_head is sent once to the student ranks, where the fused loss runs as colocated. A run
+    of S student ranks gives the same losses and weights as a colocated run of S ranks (README: 'The teacher on its
+    own ranks')."""
+    ranks: int = 1
+    """teacher.placement: separate: how many of the launched ranks run the teacher (>= 1, and at least one rank must
+    be left to the student). With teacher.sharding zero3 and more than one teacher rank, the student ranks must be a
+    multiple of it (each teacher rank serves as many students)."""
     trust_remote_code: bool = False
     """Allow the teacher directory's custom Python code to run. Off by default: only enable for code you trust."""
     allow_pickle_weights: bool = False
@@ -466,6 +478,23 @@ def validate(cfg: DistillConfig, world_size: Optional[int] = None) -> None:
     if world_size is not None and T.zero_hpz_partition_size > 1 and world_size % T.zero_hpz_partition_size:
         p.append(f"train.zero_hpz_partition_size: {T.zero_hpz_partition_size} does not divide the world size "
                  f"({world_size}) -> use the GPUs per node")
+    tc = cfg.teacher
+    if tc.ranks < 1:
+        p.append(f"teacher.ranks: {tc.ranks} must be >= 1 -> the number of launched ranks that run the teacher "
+                 "with teacher.placement: separate (default 1)")
+    if tc.placement == "separate":
+        if tc.path is None:
+            p.append("teacher.placement: separate needs teacher.path (a model for the teacher ranks to run) -> set "
+                     "teacher.path, or teacher.placement: colocated")
+        if tc.cache is not None:
+            p.append("teacher.placement: separate cannot be used with teacher.cache (the offline cache needs no "
+                     "teacher ranks) -> drop teacher.cache, or set teacher.placement: colocated")
+        if tc.server_url:
+            p.append("teacher.placement: separate cannot be used with teacher.server_url (the served teacher runs "
+                     "elsewhere) -> drop one of them")
+        if L.alpha == 0:
+            p.append("teacher.placement: separate with loss.alpha: 0 would leave the teacher ranks idle -> "
+                     "loss.alpha > 0, or teacher.placement: colocated")
     if cfg.teacher.sharding == "replicate" and cfg.teacher.offload_params:
         p.append("teacher.sharding: replicate with teacher.offload_params: offloading needs ZeRO-3 -> "
                  "teacher.sharding: zero3 (or auto), or teacher.offload_params: false")

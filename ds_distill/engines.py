@@ -39,11 +39,14 @@ from .errors import DistillError
 _HF_DS_CONFIGS: list[Any] = []  # HfDeepSpeedConfig is held by weakref in transformers: keep ours alive
 
 
-def init_distributed(timeout_s: float = 1800.0) -> tuple[int, int, int]:
+def init_distributed(timeout_s: float = 1800.0, teacher_ranks: int = 0) -> tuple[int, int, int]:
     """Start the process group (gloo on CPU, nccl on GPUs) and return (rank, world_size, local_rank).
 
     deepspeed/torchrun set RANK, WORLD_SIZE, LOCAL_RANK. Under plain `srun` only SLURM_* exist: map them, and take
     MASTER_ADDR from the first host of the allocation when it is not set.
+
+    teacher_ranks K > 0 (teacher.placement: separate): the launched ranks split by role (`split_roles`), and the
+    returned rank and world size are those of this rank's role group (a student sees only the students).
     """
     if "RANK" not in os.environ and "SLURM_PROCID" in os.environ:
         os.environ["RANK"] = os.environ["SLURM_PROCID"]
@@ -60,6 +63,8 @@ def init_distributed(timeout_s: float = 1800.0) -> tuple[int, int, int]:
     os.environ.setdefault("MASTER_PORT", "29500")
     if not dist.is_initialized():
         skip_cpu_shm_op()
+        if teacher_ranks > 0:
+            split_roles(teacher_ranks, timeout_s)
         try:
             deepspeed.init_distributed(timeout=datetime.timedelta(seconds=timeout_s))
         except Exception as e:  # noqa: BLE001 -- only the port-in-use case becomes a user error
@@ -75,6 +80,95 @@ def init_distributed(timeout_s: float = 1800.0) -> tuple[int, int, int]:
     if get_accelerator().device_name() != "cpu":
         get_accelerator().set_device(local_device_index(local_rank, get_accelerator().device_count()))
     return dist.get_rank(), dist.get_world_size(), local_rank
+
+
+class Placement:
+    """teacher.placement: separate. Of the W launched ranks, the last K (global ranks W-K .. W-1) run the teacher,
+    the first S = W-K train the student; a student keeps its global rank as its rank, so the student side (rank 0
+    logging and checkpoints, data shards, the resume world size) is exactly a colocated run of S ranks.
+
+    Each role has its own default process group (what DeepSpeed and the trainer see: students ZeRO over the students
+    only, teachers ZeRO-3 over the teachers only), and `bridge` is a second process group over all W ranks (global
+    rank numbering) that carries only the point-to-point traffic between them. Student s is served by teacher
+    s % K (its global rank: S + s % K)."""
+
+    def __init__(self, role: str, global_rank: int, global_world: int, teacher_ranks: int, bridge):
+        self.role, self.global_rank, self.global_world = role, global_rank, global_world
+        self.teacher_ranks, self.bridge = teacher_ranks, bridge
+
+    @property
+    def students(self) -> int:
+        return self.global_world - self.teacher_ranks
+
+    def teacher_of(self, student_rank: int) -> int:
+        """Global rank of the teacher serving student `student_rank`."""
+        return self.students + student_rank % self.teacher_ranks
+
+    def students_of(self, teacher_local_rank: int) -> list[int]:
+        """Student ranks (= their global ranks) served by teacher `teacher_local_rank` (its rank among teachers)."""
+        return [s for s in range(self.students) if s % self.teacher_ranks == teacher_local_rank]
+
+    DONE_TAG = 1000  # a student's last message to its teacher rank: its process ends normally (`shutdown`)
+
+    def say_done(self) -> None:
+        """Student: tell the teacher rank this process ends normally (the teacher waits for it, so that under
+        srun --wait it does not exit while the students still export and evaluate)."""
+        if self.role == "student":
+            self.send(torch.ones(1, dtype=torch.int64, device=device() if not on_cpu() else "cpu"),
+                      self.teacher_of(self.global_rank), self.DONE_TAG).wait()
+
+    def send(self, tensor: torch.Tensor, dst: int, tag: int):
+        """Asynchronous point-to-point send over the bridge (global ranks); returns the work to wait on."""
+        return self.bridge.send([tensor], dst, tag)
+
+    def recv(self, tensor: torch.Tensor, src: int, tag: int):
+        return self.bridge.recv([tensor], src, tag)
+
+
+_PLACEMENT: Optional[Placement] = None
+
+
+def placement() -> Optional[Placement]:
+    """The role split of teacher.placement: separate (None for a colocated run)."""
+    return _PLACEMENT
+
+
+def split_roles(teacher_ranks: int, timeout_s: float) -> Placement:
+    """Start one default process group per role and the bridge over all ranks, from one TCP store on
+    MASTER_ADDR:MASTER_PORT (the launcher's rendezvous), each under its own key prefix."""
+    global _PLACEMENT
+    grank, gworld = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if not 1 <= teacher_ranks < gworld:
+        raise DistillError(f"teacher.ranks: {teacher_ranks} of {gworld} launched ranks leaves "
+                           f"{gworld - teacher_ranks} student ranks -> launch more ranks (at least teacher.ranks + 1) "
+                           "or lower teacher.ranks")
+    students = gworld - teacher_ranks
+    role = "teacher" if grank >= students else "student"
+    rank, size = (grank - students, teacher_ranks) if role == "teacher" else (grank, students)
+    timeout = datetime.timedelta(seconds=timeout_s)
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), gworld, grank == 0,
+                          timeout=timeout)
+    on_gpu = get_accelerator().device_name() != "cpu"
+    backend = "nccl" if on_gpu else "gloo"
+    dist.init_process_group(backend, store=dist.PrefixStore(f"{role}/", store), rank=rank, world_size=size,
+                            timeout=timeout)
+    # The bridge waits have no deadline of their own: a peer that dies closes its connections (the wait raises at
+    # once), one that hangs is ended by its watchdog; a teacher rank waits for its students' normal end (their
+    # export and evaluation: engines.shutdown) however long it takes.
+    timeout = datetime.timedelta(days=7)
+    bridge_store = dist.PrefixStore("bridge/", store)
+    if on_gpu:  # hidden states go GPU to GPU (NCCL send/recv); untested here (no GPU on the test machines)
+        opts = dist.ProcessGroupNCCL.Options()
+        opts._timeout = timeout
+        bridge = dist.ProcessGroupNCCL(bridge_store, grank, gworld, opts)
+    else:
+        bridge = dist.ProcessGroupGloo(bridge_store, grank, gworld, timeout)
+    _PLACEMENT = Placement(role, grank, gworld, teacher_ranks, bridge)
+    # DeepSpeed (zero.Init) checks WORLD_SIZE against the default group: from here on the environment names the
+    # role group too; the launcher's values stay under DS_DISTILL_GLOBAL_*
+    os.environ.update({"DS_DISTILL_GLOBAL_RANK": str(grank), "DS_DISTILL_GLOBAL_WORLD_SIZE": str(gworld),
+                       "DS_DISTILL_ROLE": role, "RANK": str(rank), "WORLD_SIZE": str(size)})
+    return _PLACEMENT
 
 
 def local_device_index(local_rank: int, visible: int) -> int:
@@ -603,6 +697,8 @@ def shutdown(failed: bool = False) -> None:
     rank must exit (and print) now, not when the process-group timeout fires."""
     if not dist.is_initialized():
         return
+    if _PLACEMENT is not None and not failed:
+        _PLACEMENT.say_done()
     if failed:
         abort = getattr(dist.distributed_c10d, "_abort_process_group", None)
         try:

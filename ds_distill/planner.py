@@ -175,6 +175,8 @@ def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
+# teacher.placement: separate: micro-batches a teacher rank keeps in flight per student (teacher_apart.QUEUE_DEPTH)
+SEPARATE_QUEUE_DEPTH = 2
 REPLICATE_FRACTION = 0.25  # teacher.sharding auto replicates a teacher whose weights take at most this of a GPU
 
 
@@ -202,9 +204,18 @@ def teacher_gather_seconds(teacher_params: int, e: int, world_size: int, gpus_pe
 def estimate(cfg, *, world_size: int, device: str = "gpu", student: Optional[Arch] = None,
              teacher: Optional[Arch] = None, micro_batch_size: Optional[int] = None,
              chunk_size: Optional[int] = None, precision: Optional[str] = None,
-             teacher_sharding: str = "zero3") -> Plan:
+             teacher_sharding: str = "zero3", role: str = "colocated", teacher_ranks: int = 1) -> Plan:
     """Estimate per-rank memory for `cfg` (a DistillConfig) on `world_size` ranks of kind `device` (gpu | cpu);
-    `teacher_sharding` is a resolved teacher.sharding (replicate: the whole teacher on every rank, no gathers)."""
+    `teacher_sharding` is a resolved teacher.sharding (replicate: the whole teacher on every rank, no gathers).
+
+    teacher.placement: separate: `world_size` counts every launched rank and `role` picks whose memory: "student"
+    (the world_size - teacher_ranks student ranks: ZeRO over them, no teacher weights but its lm_head whole, as
+    received from the teacher rank) or "teacher" (a teacher rank: the teacher ZeRO-3 over teacher_ranks or
+    replicated, its forward, and the hidden states queued for its students)."""
+    if role == "teacher":
+        return _teacher_rank_plan(cfg, world_size=world_size, device=device, teacher=teacher,
+                                  micro_batch_size=micro_batch_size, precision=precision,
+                                  teacher_sharding=teacher_sharding, teacher_ranks=teacher_ranks)
     import json
 
     T = cfg.train
@@ -212,7 +223,7 @@ def estimate(cfg, *, world_size: int, device: str = "gpu", student: Optional[Arc
     if prec == "auto":
         prec = "bf16" if device == "gpu" else "fp32"
     e = 4 if prec == "fp32" else 2
-    dp = world_size
+    dp = world_size - teacher_ranks if role == "student" else world_size
     B = micro_batch_size or T.micro_batch_size
     c_size = chunk_size or cfg.loss.chunk_size
     S = cfg.data.max_length
@@ -258,7 +269,10 @@ def estimate(cfg, *, world_size: int, device: str = "gpu", student: Optional[Arc
 
     # --- teacher shard
     replicated = t is not None and teacher_sharding == "replicate"
-    if replicated:
+    if t is not None and role == "student":
+        states.append(Item("teacher lm_head (whole, sent by its teacher rank)", t.lm_head_params * e,
+                           note=f"{t.lm_head_params / 1e6:.1f}M"))
+    elif replicated:
         states.append(Item("teacher params (replicated: whole)", t.params * e, note=f"{t.params / 1e6:.1f}M"))
     elif t is not None:
         states.append(Item("teacher params (ZeRO-3 shard)", _ceil_div(t.params, dp) * e,
@@ -302,12 +316,12 @@ def estimate(cfg, *, world_size: int, device: str = "gpu", student: Optional[Arc
                        + (s.vocab_rows * s.hidden * (4 + e) if e != 4 else 0)))
     if t is not None:
         ph.append(Item("teacher hidden states + row copies", tok * t.hidden * e * 3))
-        if not replicated:
+        if not replicated and role != "student":
             ph.append(Item("teacher lm_head (gathered)", t.lm_head_params * e))
     phases = {"student forward end": ph}
 
-    # --- phase: teacher forward
-    if t is not None:
+    # --- phase: teacher forward (on the teacher ranks when they are separate)
+    if t is not None and role != "student":
         tjs = {}
         try:
             with open(cfg.teacher.ds_config) as f:
@@ -324,15 +338,63 @@ def estimate(cfg, *, world_size: int, device: str = "gpu", student: Optional[Arc
                                          opt_where)]
     plan = Plan(world_size=dp, micro_batch_size=B, chunk_size=c_size, max_length=S, precision=prec,
                 states=states, phases=phases)
-    if cfg.teacher.offload_params and t is not None:
+    if role == "student":
+        plan.notes.append(f"teacher.placement: separate: the {dp} student ranks of {world_size}; the teacher's "
+                          "weights are on the teacher ranks")
+    elif cfg.teacher.offload_params and t is not None:
         plan.notes.append(f"teacher.offload_params: every forward copies the teacher's shard host->device "
                           f"({_ceil_div(t.params, dp) * e / GiB:.2f} GiB per rank per micro-batch over PCIe)")
     return plan
 
 
+def _teacher_rank_plan(cfg, *, world_size: int, device: str, teacher: Optional[Arch], micro_batch_size: Optional[int],
+                       precision: Optional[str], teacher_sharding: str, teacher_ranks: int) -> Plan:
+    """Memory of one teacher rank of teacher.placement: separate (see `estimate`)."""
+    import json
+
+    prec = precision or cfg.train.precision
+    if prec == "auto":
+        prec = "bf16" if device == "gpu" else "fp32"
+    e = 4 if prec == "fp32" else 2
+    t = teacher or read_arch(cfg.teacher.path, cfg.teacher.trust_remote_code)
+    K = teacher_ranks
+    B = micro_batch_size or cfg.train.micro_batch_size
+    S = cfg.data.max_length
+    tok = B * S
+    served = _ceil_div(world_size - K, K)  # student ranks per teacher rank (the first ones serve one more)
+    offload = cfg.teacher.offload_params and teacher_sharding != "replicate"
+    if teacher_sharding == "replicate":
+        states = [Item("teacher params (replicated: whole)", t.params * e, note=f"{t.params / 1e6:.1f}M")]
+    else:
+        states = [Item("teacher params (ZeRO-3 shard over the teacher ranks)", _ceil_div(t.params, K) * e,
+                       "host" if offload else "device", f"{t.params / 1e6:.1f}M / {K}")]
+    mask_bytes = B * S * S * (4 if device == "cpu" else 1)
+    tjs = {}
+    try:
+        with open(cfg.teacher.ds_config) as f:
+            tjs = json.load(f).get("zero_optimization", {})
+    except OSError:
+        pass
+    prefetch = int(tjs.get("stage3_prefetch_bucket_size", 5e7))
+    fwd = ([] if teacher_sharding == "replicate" else [
+        Item("teacher gathered layer + prefetch", (t.layer_params + min(prefetch, t.params)) * e)]) + [
+        Item("teacher layer activations (no grad)", tok * e * (3 * t.intermediate + 4 * t.hq + 3 * t.hidden)
+             + mask_bytes),
+        Item("hidden states queued for its students", (SEPARATE_QUEUE_DEPTH + 1) * served * tok * t.hidden * e,
+             note=f"({SEPARATE_QUEUE_DEPTH} + 1) x {served} student(s) x [{B}, {S}, {t.hidden}]")]
+    phases = {"teacher forward": fwd, "start: lm_head gathered to send": [
+        Item("teacher lm_head (whole)", t.lm_head_params * e)]}
+    plan = Plan(world_size=K, micro_batch_size=B, chunk_size=cfg.loss.chunk_size, max_length=S, precision=prec,
+                states=states, phases=phases)
+    plan.notes.append(f"teacher.placement: separate: one of the {K} teacher ranks of {world_size}, serving {served} "
+                      "student rank(s); no optimizer, no student")
+    return plan
+
+
 def suggest(cfg, *, world_size: int, memory_bytes: float, device: str = "gpu", headroom: float = 0.1,
             student: Optional[Arch] = None, teacher: Optional[Arch] = None,
-            max_micro_batch: int = 1024, teacher_sharding: str = "zero3") -> Optional[tuple[int, int, Plan]]:
+            max_micro_batch: int = 1024, teacher_sharding: str = "zero3", role: str = "colocated",
+            teacher_ranks: int = 1) -> Optional[tuple[int, int, Plan]]:
     """Largest power-of-two micro_batch_size <= max_micro_batch (then the largest chunk_size up to 4096) whose
     peak fits in memory x (1 - headroom).
 
@@ -344,7 +406,8 @@ def suggest(cfg, *, world_size: int, memory_bytes: float, device: str = "gpu", h
     t = teacher
     if t is None and cfg.loss.alpha > 0 and cfg.teacher.path:
         t = read_arch(cfg.teacher.path, cfg.teacher.trust_remote_code)
-    kw = dict(world_size=world_size, device=device, student=s, teacher=t, teacher_sharding=teacher_sharding)
+    kw = dict(world_size=world_size, device=device, student=s, teacher=t, teacher_sharding=teacher_sharding,
+              role=role, teacher_ranks=teacher_ranks)
     chunks = [128, 256, 512, 1024, 2048, 4096]  # beyond ~4k rows a chunk saves kernel launches, not time
     best = None
     mbs = 1

@@ -20,8 +20,8 @@ from typing import Optional
 
 import torch
 
-from . import (assembly, checkpoint, data, engines, faults, guards, lora, models, served_teacher, teacher_cache,
-               teachers, vocab)
+from . import (assembly, checkpoint, data, engines, faults, guards, lora, models, served_teacher, teacher_apart,
+               teacher_cache, teachers, vocab)
 from .config import DistillConfig, to_dict
 from .errors import ConfigError, DistillError, ModelError, NonFiniteError
 from .losses import HEALTH_METRICS, LossSpec
@@ -97,7 +97,7 @@ class Run:
 
 # What a run writes (and overwrite_output_dir removes).
 OUTPUT_NAMES = ("checkpoints", "metrics.jsonl", "final", "final_adapter", "wandb", "report.md", "report_data.json",
-                "losses.png", "eval_ppl.png", "gap.png", "generations.md", "tasks")
+                "losses.png", "eval_ppl.png", "gap.png", "generations.md", "tasks", teacher_apart.TIMELINE_DIR)
 
 
 def check_output_dir(cfg: DistillConfig, rank: int) -> bool:
@@ -201,19 +201,6 @@ def check_top_k(cfg: DistillConfig, vocab_size: int) -> None:
     if L.impl == "topk" and L.alpha > 0 and L.top_k > vocab_size:
         raise ConfigError([f"loss.top_k: {L.top_k} is larger than the vocabulary ({vocab_size} tokens) -> use "
                            f"loss.top_k <= {vocab_size} (typically 32-256), or loss.impl: chunked (exact)"])
-
-
-def teacher_sharding(cfg: DistillConfig, dtype: torch.dtype) -> str:
-    """teacher.sharding resolved: auto -> replicate or zero3 (planner.auto_teacher_sharding: from the teacher's size
-    in config.json and this device's memory)."""
-    if cfg.teacher.sharding != "auto":
-        return cfg.teacher.sharding
-    from . import planner
-
-    memory = None if engines.on_cpu() else engines.device_memory_bytes()
-    size = planner.read_arch(cfg.teacher.path, cfg.teacher.trust_remote_code).params * dtype.itemsize if memory \
-        else 0
-    return planner.auto_teacher_sharding(size, memory, offload_params=cfg.teacher.offload_params)
 
 
 def compiled_loss(cfg: DistillConfig, loss_kwargs: dict, device: torch.device) -> tuple[bool, str]:
@@ -343,9 +330,13 @@ def build(cfg: DistillConfig) -> Run:
     # --- teacher: ZeRO-3 inference engine with its own DeepSpeed config
     teacher_engine = None
     teacher_rows = None
-    if cfg.teacher.path and cfg.loss.alpha > 0:
+    apart = None  # teacher.placement: separate: the teacher's head arrives from its rank
+    if cfg.teacher.placement == "separate" and cfg.loss.alpha > 0:
+        apart = teacher_apart.connect_student(cfg, rank)
+        teacher_rows = apart.vocab_rows
+    elif cfg.teacher.path and cfg.loss.alpha > 0:
         # one decision for all ranks (GPUs of different sizes must not give ranks different teacher layouts)
-        sharding = engines.broadcast_object(teacher_sharding(cfg, dtype) if rank == 0 else None)
+        sharding = engines.broadcast_object(assembly.teacher_sharding(cfg, dtype) if rank == 0 else None)
         if rank == 0:
             print(f"[ds_distill] teacher: {sharding} (teacher.sharding: {cfg.teacher.sharding})", flush=True)
 
@@ -367,6 +358,8 @@ def build(cfg: DistillConfig) -> Run:
         source = served
     elif topk_cache is not None:
         source = teachers.CachedTeacher(topk_cache)
+    elif apart is not None:
+        source = apart
     elif teacher_engine is not None:
         source = teachers.EngineTeacher(teacher_engine, sharding)
     else:
@@ -384,6 +377,8 @@ def build(cfg: DistillConfig) -> Run:
         t_head = teacher_engine.module.head
         vocab_message += (f"\nteacher head: {_model_type(teacher_engine.module.model)} ({t_head.transform.describe()}"
                           + (", bias" if t_head.bias is not None else "") + ")")
+    if apart is not None:
+        vocab_message += "\n" + apart.describe()
 
     compiled, compile_message = compiled_loss(
         cfg, {**loss_spec.kwargs(), "student_transform": wrapper_s.transform}, engines.device())
@@ -407,6 +402,9 @@ def build(cfg: DistillConfig) -> Run:
                                    if cfg.data.packing else 0)
     if state.data_state:
         stream.load_state_dict(state.data_state)  # same seed, rows and world size, or a DataError
+    if apart is not None:  # the teacher ranks read the same rows from here on
+        apart.start(stream.state_dict(), state.step, max(0, T.max_steps - state.step) * T.grad_accum_steps,
+                    T.grad_accum_steps)
     state.extra["run"] = run_identity(cfg)
     state.extra["schedule"] = schedule_settings(cfg)
     run = Run(cfg=cfg, rank=rank, world_size=world, tokenizer=tokenizer, student_engine=student_engine,
@@ -841,6 +839,11 @@ def main(cfg: DistillConfig) -> int:
     stop_watch = None
     code = 1
     try:
+        # teacher.placement: separate: the teacher ranks run teacher_apart.serve instead of training
+        if cfg.teacher.placement == "separate" and teacher_apart.start(cfg) == "teacher":
+            code = teacher_apart.serve(cfg, PROBE_POSITIONS,
+                                       PROBE_TOLERANCE[engines.resolve_precision(cfg.train.precision)])
+            return code
         run = build(cfg)
         run.state.wandb_run_id = run.state.wandb_run_id or None
         tracker = Tracker(output_dir=cfg.output_dir, is_rank0=run.rank == 0, total_steps=cfg.train.max_steps,

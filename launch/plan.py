@@ -52,6 +52,8 @@ def main(argv=None) -> int:
             raise DistillError(f"teacher.path: '{cfg.teacher.path}' has no config.json -> see student.path")
         world = args.num_gpus * args.nodes
         mem = args.gpu_memory_gb * 2 ** 30
+        if cfg.teacher.placement == "separate" and cfg.loss.alpha > 0 and cfg.teacher.path:
+            return _separate(cfg, planner, args, world, mem)
         sharding = cfg.teacher.sharding
         if cfg.loss.alpha > 0 and cfg.teacher.path:
             sharding = _teacher_placement(cfg, planner, args, world, mem)
@@ -79,6 +81,34 @@ def main(argv=None) -> int:
     except DistillError as e:
         print(f"[ds_distill] error: {e}", file=sys.stderr)
         return 2
+
+
+def _separate(cfg, planner, args, world: int, mem: float) -> int:
+    """teacher.placement: separate: the student ranks' and a teacher rank's memory, each against the device."""
+    K = cfg.teacher.ranks
+    if not 1 <= K < world:
+        raise DistillError(f"teacher.ranks: {K} of {world} ranks leaves no student rank -> more --num_gpus / --nodes "
+                           "or fewer teacher.ranks")
+    t = planner.read_arch(cfg.teacher.path, cfg.teacher.trust_remote_code)
+    prec = cfg.train.precision if cfg.train.precision != "auto" else ("bf16" if args.device == "gpu" else "fp32")
+    e = 4 if prec == "fp32" else 2
+    sharding = cfg.teacher.sharding if cfg.teacher.sharding != "auto" else planner.auto_teacher_sharding(
+        t.params * e, mem if args.device == "gpu" else None, offload_params=cfg.teacher.offload_params)
+    kw = dict(world_size=world, device=args.device, teacher_sharding=sharding, teacher_ranks=K)
+    plans = {role: planner.estimate(cfg, role=role, **kw) for role in ("student", "teacher")}
+    budget = mem * (1 - args.headroom)
+    print(f"teacher.placement: separate: {world - K} student rank(s), {K} teacher rank(s) ({sharding}; "
+          f"teacher.sharding: {cfg.teacher.sharding})\n")
+    for role, plan in plans.items():
+        print(f"{role} ranks:")
+        print(planner.render(plan, mem, args.headroom) + "\n")
+    per_rank = cfg.train.micro_batch_size * cfg.train.grad_accum_steps
+    best = planner.suggest(cfg, max_micro_batch=per_rank, memory_bytes=mem, headroom=args.headroom, role="student",
+                           **{k: v for k, v in kw.items() if k != "device"}, device=args.device)
+    if best is not None:
+        print(f"suggestion (student ranks): train.micro_batch_size {best[0]}, loss.chunk_size {best[1]} (peak "
+              f"{best[2].peak / 2 ** 30:.2f} GiB); check the teacher ranks' estimate at that micro-batch size")
+    return 0 if all(p.peak <= budget for p in plans.values()) else 1
 
 
 def _teacher_placement(cfg, planner, args, world: int, mem: float) -> str:

@@ -22,8 +22,10 @@ from ds_distill.errors import DistillError  # noqa: E402
 
 
 def _rank_tag() -> str:
-    world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
-    rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
+    # DS_DISTILL_GLOBAL_*: the launched rank numbering when teacher.placement: separate split the ranks by role
+    world = int(os.environ.get("DS_DISTILL_GLOBAL_WORLD_SIZE",
+                               os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1"))))
+    rank = os.environ.get("DS_DISTILL_GLOBAL_RANK", os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
     return f"rank {rank}/{world}: " if world > 1 else ""
 
 

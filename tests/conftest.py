@@ -7,6 +7,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -98,3 +99,34 @@ def read_jsonl(path) -> list[dict]:
 def assert_ok(proc: subprocess.CompletedProcess) -> None:
     assert proc.returncode == 0, \
         f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-6000:]}\nSTDERR:\n{proc.stderr[-6000:]}"
+
+
+def launch_direct(config: str, world: int, env: dict, timeout: float) -> list[tuple[int, str, float]]:
+    """Start `world` ranks of launch/train.py with RANK/WORLD_SIZE set by hand (no launcher: nobody stops the others
+    when one dies, so each rank must notice by itself); returns [(exit code, stderr, exit time)] per rank."""
+    port = str(free_port())
+    procs, logs = [], []
+    for r in range(world):
+        e = dict(os.environ)
+        e.update({"RANK": str(r), "WORLD_SIZE": str(world), "LOCAL_RANK": str(r), "MASTER_ADDR": "127.0.0.1",
+                  "MASTER_PORT": port, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **env})
+        logs.append(open(os.path.join(os.path.dirname(config), f"rank{r}.err"), "w+"))
+        procs.append(subprocess.Popen([sys.executable, str(ROOT / "launch" / "train.py"), "--config", config],
+                                      cwd=ROOT, env=e, stdout=subprocess.DEVNULL, stderr=logs[-1], text=True))
+    deadline = time.time() + timeout
+    ended: dict[int, float] = {}
+    while len(ended) < world and time.time() < deadline:
+        for r, p in enumerate(procs):
+            if r not in ended and p.poll() is not None:
+                ended[r] = time.time()
+        time.sleep(0.2)
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    out = []
+    for r, (p, f) in enumerate(zip(procs, logs)):
+        f.seek(0)
+        out.append((p.returncode, f.read(), ended.get(r, float("inf"))))
+        f.close()
+    return out

@@ -287,3 +287,43 @@ def test_estimate_within_25_percent_of_measured_peak(planner_assets, tmp_path):
         measured = mem[name]["train_peak"] - mem["nil"]["train_peak"]
         assert measured > 100 * 2**20, line  # far above the noise of a CPU process
         assert abs(est[name] - est["nil"] - measured) <= 0.25 * measured, "\n".join(report)
+
+
+def test_separate_placement_puts_teacher_memory_on_teacher_ranks_only(tmp_path, capsys):
+    """teacher.placement: separate (issue 16): the student ranks' estimate is the colocated one of world - K ranks
+    without the teacher's weights (its lm_head whole instead); a teacher rank holds the teacher over K ranks (or
+    whole), its forward and the queued hidden states, and nothing of the student."""
+    import importlib.util
+
+    from ds_distill import planner
+    from ds_distill.config import parse_config
+
+    dirs = _qwen3_dirs(tmp_path)
+    argv = ["--config", str(ROOT / "ds_configs" / "qwen3_4b_to_0.6b.yaml"), "--teacher.path", dirs["Qwen3-4B"],
+            "--student.path", dirs["Qwen3-0.6B"], "--teacher.placement", "separate", "--teacher.ranks", "2"]
+    cfg = parse_config(argv)
+    t, s = planner.read_arch(dirs["Qwen3-4B"]), planner.read_arch(dirs["Qwen3-0.6B"])
+    student = planner.estimate(cfg, world_size=8, role="student", teacher_ranks=2, teacher_sharding="zero3")
+    colocated6 = planner.estimate(cfg, world_size=6, teacher_sharding="zero3")
+    items = {i.name: i.bytes for i in student.states}
+    assert student.world_size == 6
+    assert items["student params (ZeRO-3 shard)"] == -(-s.params // 6) * 2  # bf16 over the 6 student ranks
+    assert not any(n.startswith("teacher params") for n in items) and "teacher forward" not in student.phases
+    assert items["teacher lm_head (whole, sent by its teacher rank)"] == 151936 * 2560 * 2
+    same = [i for i in colocated6.states if not i.name.startswith("teacher")]
+    assert [(i.name, i.bytes) for i in same] == [(i.name, i.bytes) for i in student.states
+                                                 if not i.name.startswith("teacher")]
+    for sharding, want in (("zero3", -(-t.params // 2) * 2), ("replicate", t.params * 2)):
+        teacher = planner.estimate(cfg, world_size=8, role="teacher", teacher_ranks=2, teacher_sharding=sharding)
+        assert [i.bytes for i in teacher.states] == [want]
+        queued = [i for i in teacher.phases["teacher forward"] if i.name.startswith("hidden states queued")][0]
+        B, S = cfg.train.micro_batch_size, cfg.data.max_length
+        assert queued.bytes == (planner.SEPARATE_QUEUE_DEPTH + 1) * 3 * B * S * 2560 * 2  # 3 students per teacher
+
+    spec = importlib.util.spec_from_file_location("plan_cli", ROOT / "launch" / "plan.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    assert cli.main(argv + ["--num_gpus", "8", "--gpu_memory_gb", "80"]) == 0
+    out = capsys.readouterr().out
+    assert "6 student rank(s), 2 teacher rank(s)" in out and "student ranks:" in out and "teacher ranks:" in out
+    assert cli.main(argv + ["--num_gpus", "2", "--gpu_memory_gb", "80", "--teacher.ranks", "2"]) == 2

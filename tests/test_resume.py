@@ -14,6 +14,9 @@ the chain, so the run id's continuity and the absence of the API key can be chec
 Then: the exported safetensors equal the reference's (within 1e-6: see WEIGHT_ATOL for the one documented source of
 last-bit differences), and every metrics.jsonl row (steps 1..6, each once) equals the reference's except wall-clock
 fields. Runtime: 5 two-rank launches, about 4 min on 2 idle cores.
+
+The same reference also checks teacher.placement: separate (issue 16, last test): a 4-rank run whose teacher rank is
+killed, then a 3-rank resume, against the colocated 2-rank numbers and weights.
 """
 import json
 import math
@@ -23,7 +26,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from conftest import ROOT, assert_ok, read_jsonl, run_deepspeed, tiny_config, write_yaml
+from conftest import ROOT, assert_ok, launch_direct, read_jsonl, run_deepspeed, tiny_config, write_yaml
 
 pytestmark = pytest.mark.multirank
 
@@ -177,3 +180,69 @@ def test_killed_aborted_preempted_chain_equals_uninterrupted_run(tiny_assets, od
     assert not any(secret in log for log in logs)
     saved_cfg = json.loads((out / "final" / "ds_distill_config.json").read_text())
     assert secret not in json.dumps(saved_cfg)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# teacher.placement: separate (issue 16) against the same uninterrupted colocated reference
+# ----------------------------------------------------------------------------------------------------------------
+
+def test_separate_teacher_ranks_equal_colocated_survive_a_teacher_death_and_resume(tiny_assets, odd_data, reference,
+                                                                                  tmp_path):
+    """S1: 4 ranks started by hand (no launcher stopping the others for them): students 0-1, replicated teacher
+    ranks 2 (serving student 0) and 3 (student 1). Teacher rank 2 is SIGKILLed when it starts step 4's micro-batches:
+    student 0 must stop naming teacher rank 2, student 1 then loses student 0 in a collective, and teacher 3 must
+    exit by itself on losing student 1 (a student dying stops its teacher); all within the watchdog timeout. The
+    checkpoint of step 2 is complete; steps 1-2 equal the colocated reference.
+    S2: `deepspeed --num_gpus 3 launch/train.py --teacher.placement separate --teacher.ranks 1` (one ZeRO-3 teacher
+    rank; the students' world is still 2) resumes and finishes: every step's loss/total, loss/ce, loss/kl, grad_norm
+    and the exported weights equal the reference's; the timelines show the teacher's forward of each micro-batch
+    i+1 starting before its student finished the forward of micro-batch i (so before its step ended)."""
+    out = tmp_path / "out"
+    cfg = _config(tiny_assets, out, odd_data, every_steps=2, keep_last=3, wandb_mode="disabled")
+    cfg["teacher"].update({"placement": "separate", "ranks": 2, "sharding": "replicate"})
+    cfg["train"]["watchdog_timeout_s"] = 60
+    killed = launch_direct(write_yaml(cfg, tmp_path / "s1.yaml"), 4, {"DS_DISTILL_TEST_FAULTS": "kill@3:2"},
+                           timeout=300)
+    codes, errs = [c for c, _, _ in killed], [e for _, e, _ in killed]
+    assert codes[2] == -9 and all(c != 0 for c in codes), (codes, [e[-2000:] for e in errs])
+    since_death = [t - killed[2][2] for _, _, t in killed]
+    assert max(since_death) < cfg["train"]["watchdog_timeout_s"], since_death
+    assert "teacher rank 2 (teacher.placement: separate) stopped while student rank 0 waited" in errs[0], \
+        errs[0][-3000:]
+    assert "student rank 1 stopped while this teacher rank waited" in errs[3], errs[3][-3000:]
+    from ds_distill import checkpoint
+
+    ckpts = sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("step_"))
+    assert ckpts == ["step_00000002"], ckpts  # every 2 steps; step 4 never reached
+    assert checkpoint.find_latest(str(out / "checkpoints")).endswith(ckpts[0])  # complete
+
+    want = [r for r in read_jsonl(reference / "metrics.jsonl") if "loss/total" in r]
+    keys = ("loss/total", "loss/ce", "loss/kl", "grad_norm")
+
+    def assert_steps_equal(steps):
+        got = {r["step"]: r for r in read_jsonl(out / "metrics.jsonl") if "loss/total" in r}
+        for w in want:
+            if w["step"] in steps:
+                for k in keys:
+                    assert math.isclose(got[w["step"]][k], w[k], rel_tol=METRIC_RTOL), (w["step"], k)
+
+    assert_steps_equal({1, 2})
+
+    cfg["teacher"].update({"ranks": 1, "sharding": "zero3"})
+    proc = run_deepspeed(ROOT / "launch" / "train.py", ["--config", write_yaml(cfg, tmp_path / "s2.yaml"),
+                                                        "--teacher.placement", "separate", "--teacher.ranks", "1"],
+                         nprocs=3)
+    assert_ok(proc)
+    assert "resumed from" in proc.stdout + proc.stderr
+    assert_steps_equal(set(range(1, MAX_STEPS + 1)))
+    assert_same_weights(load_file(str(out / "final" / "model.safetensors")),
+                        load_file(str(reference / "final" / "model.safetensors")), "separate vs colocated export")
+
+    # work-ahead in S2 (steps 3..6 = micro-batches 4..11 of each student)
+    tl = out / "teacher_apart"
+    teacher = {(r["student"], r["index"]): r for r in read_jsonl(tl / "teacher_rank2.jsonl")}
+    for s in (0, 1):
+        student = {r["index"]: r for r in read_jsonl(tl / f"student_rank{s}.jsonl")}
+        assert sorted(student) == list(range(2 * MAX_STEPS)), sorted(student)
+        for i in range(4, 2 * MAX_STEPS - 1):
+            assert teacher[(s, i + 1)]["forward_start"] < student[i]["forward_end"], (s, i)

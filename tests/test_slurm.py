@@ -16,6 +16,7 @@ a 2-core machine shared with other test runs (load ~10), of which ~30 s build th
 from __future__ import annotations
 
 import fcntl
+import json
 import math
 import os
 import re
@@ -117,6 +118,9 @@ def _loss_rows(path) -> dict[int, list[dict]]:
         if "loss/total" in r:
             rows.setdefault(int(r["step"]), []).append(r)
     return rows
+
+
+_REFERENCE: dict = {}  # the uninterrupted 1-node colocated run of the test above (same config and steps)
 
 
 def test_two_node_job_requeues_resumes_and_matches_one_node(slurm_env, tiny_assets, tmp_path):
@@ -221,5 +225,65 @@ def test_two_node_job_requeues_resumes_and_matches_one_node(slurm_env, tiny_asse
                 assert math.isclose(g[key], w[key], rel_tol=0, abs_tol=1e-6), (
                     f"step {step} ({where}) {key}: SLURM 2-node {g[key]!r} != 1-node deepspeed {w[key]!r}")
     assert (tmp_path / "out_slurm" / "final").is_dir()
+    _REFERENCE["metrics"] = tmp_path / "out_ref" / "metrics.jsonl"  # reused by the separate-placement test below
     print(f"test_slurm: first run logged steps {first_run_steps}; job {job_id} done; "
           f"veth bytes {[veth1[v] - veth0[v] for v in VETHS]}; {time.time() - t_start:.0f} s")
+
+
+def test_teacher_on_its_own_node(slurm_env, tiny_assets, tmp_path):
+    """TEACHER_NODES=1 on 2 nodes x 2 ranks (teacher.placement: separate, issue 16): the students (ranks 0-1) train on
+    dsdn1, the ZeRO-3 teacher (ranks 2-3) runs on dsdn2, the hidden states cross the veth links, and every step's
+    losses equal the uninterrupted colocated 2-rank run of the test above (run here when that test did not run)."""
+    sections = dict(train={"max_steps": MAX_STEPS}, checkpoint={"every_steps": 0, "keep_last": 2, "resume": "auto"})
+    cfg = write_yaml(tiny_config(tiny_assets, tmp_path / "out", **sections), tmp_path / "sep.yaml")
+    env = dict(slurm_env)
+    env.update({"CONFIG": cfg, "TRAIN_SCRIPT": str(ROOT / "launch" / "train.py"), "NPROC_PER_NODE": "2",
+                "TEACHER_NODES": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "WANDB_SILENT": "true"})
+    ref = None
+    if "metrics" not in _REFERENCE:
+        ref_cfg = write_yaml(tiny_config(tiny_assets, tmp_path / "out_ref", **sections), tmp_path / "ref.yaml")
+        ref_env = {k: v for k, v in env.items() if k not in ("CONFIG", "TRAIN_SCRIPT", "NPROC_PER_NODE",
+                                                             "TEACHER_NODES")}
+        ref = subprocess.Popen([deepspeed_bin(), "--num_gpus", "2", "--master_port", str(free_port()),
+                                str(ROOT / "launch" / "train.py"), "--config", ref_cfg], cwd=ROOT, env=ref_env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        _REFERENCE["metrics"] = tmp_path / "out_ref" / "metrics.jsonl"
+    veth0 = _veth_bytes()
+    # the nodes' 2 CPUs are one core (CR_Core allocates cores): --overcommit lets 2 ranks share it
+    sub = subprocess.run(["sbatch", "--parsable", "--nodes", "2", "--overcommit", "--time", "10", str(SBATCH_SCRIPT)],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert sub.returncode == 0, sub.stderr
+    job_id = sub.stdout.strip().split(";")[0]
+    log_path = tmp_path / f"ds_distill-{job_id}.out"
+    try:
+        deadline = time.time() + JOB_TIMEOUT_S
+        while time.time() < deadline and _job(env, job_id).get("JobState") not in DONE_STATES:
+            time.sleep(0.5)
+        info = _job(env, job_id)
+        log = log_path.read_text(errors="replace") if log_path.exists() else ""
+        assert info.get("JobState") == "COMPLETED" and info.get("ExitCode") == "0:0", (info, log[-6000:])
+        if ref is not None:
+            assert ref.wait(timeout=JOB_TIMEOUT_S) == 0
+    finally:
+        if _job(env, job_id).get("JobState") not in DONE_STATES:
+            _run(["scancel", job_id], env=env, check=False)
+        if ref is not None and ref.poll() is None:
+            os.killpg(ref.pid, signal.SIGKILL)
+            ref.wait()
+    veth1 = _veth_bytes()
+    placements = set(re.findall(r"\[train\.sbatch\] rank (\d+)/(\d+) on (\S+) \(node", log))
+    assert placements == {("0", "4", NODES[0]), ("1", "4", NODES[0]), ("2", "4", NODES[1]), ("3", "4", NODES[1])}, \
+        placements
+    assert "teacher on the last 1 node(s): ranks 2-3" in log, log[-4000:]
+    assert "teacher rank 2 (teacher 0/2, serving student ranks [0]): done" in log, log[-4000:]
+    assert "teacher rank 3 (teacher 1/2, serving student ranks [1]): done" in log, log[-4000:]
+    assert "rank 0/2: student ZeRO-3 holds" in log and "rank 1/2: student ZeRO-3 holds" in log
+    # hidden states dsdn2 -> dsdn1: MAX_STEPS x 2 micro-batches x 2 students x [2, <=64, H] fp32, at least
+    hidden = json.load(open(Path(tiny_assets["teacher"]) / "config.json"))["hidden_size"]
+    for v in VETHS:
+        assert veth1[v] - veth0[v] > MAX_STEPS * 2 * 2 * 2 * 8 * hidden * 4, (v, veth0, veth1)
+    got, want = _loss_rows(tmp_path / "out" / "metrics.jsonl"), _loss_rows(_REFERENCE["metrics"])
+    assert sorted(got) == sorted(want) == list(range(1, MAX_STEPS + 1)), (sorted(got), sorted(want))
+    for step in want:
+        for key in ("loss/total", "loss/ce", "loss/kl", "grad_norm"):
+            assert math.isclose(got[step][-1][key], want[step][-1][key], rel_tol=1e-6), (step, key)
