@@ -20,7 +20,7 @@ from typing import Optional
 
 import torch
 
-from . import checkpoint, data, engines, guards, lora, models, teacher_cache, teachers, vocab
+from . import checkpoint, data, engines, generation, guards, lora, models, teacher_cache, teachers, vocab
 from .config import DistillConfig, to_dict, validate
 from .errors import ConfigError, DistillError, ModelError, NonFiniteError
 from .losses import LossSpec
@@ -54,6 +54,7 @@ class Run:
     ckpt_root: str
     vocab_message: str = ""
     teacher_eval_cache: Optional[evaluate.TeacherCache] = None  # filled by the first eval, reused after
+    on_policy: Optional[generation.OnPolicy] = None  # on_policy.lmbda > 0: builds each step's sampled micro-batches
 
     @property
     def teacher_engine(self):
@@ -412,11 +413,45 @@ def build(cfg: DistillConfig) -> Run:
     run = Run(cfg=cfg, rank=rank, world_size=world, tokenizer=tokenizer, student_engine=student_engine,
               teacher=source, stream=stream, eval_dataset=eval_ds, loss=loss_spec, state=state,
               ckpt_root=ckpt_root, vocab_message=vocab_message)
+    run.on_policy = build_on_policy(cfg, rank, tokenizer, student_engine, loss_spec.vocab_size, dtype)  # issue 15
+    if run.on_policy is not None:
+        run.vocab_message += "\n" + describe_on_policy(cfg)
     if resume_from:
         run.vocab_message += f"\nresumed from {resume_from} at step {state.step}"
     for m in notices:
         run.vocab_message += "\n" + m
     return run
+
+
+def build_on_policy(cfg: DistillConfig, rank: int, tokenizer, student_engine, vocab_size: int,
+                    dtype: torch.dtype) -> Optional[generation.OnPolicy]:
+    """on_policy.lmbda > 0: the step's on-policy batch builder with the configured generator (generation.py)."""
+    O = cfg.on_policy
+    if O.lmbda <= 0:
+        return None
+    dev = engines.device()
+    settings = generation.SamplingSettings(
+        max_new_tokens=O.max_new_tokens, temperature=O.temperature, top_p=O.top_p,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, vocab_size=vocab_size)
+    hf_model = student_engine.module.model
+    if O.generator == "gathered":
+        gen = generation.ReplicaGenerator(lambda: models.unsharded_copy(hf_model, dev, dtype),
+                                          lambda replica: engines.copy_gathered(hf_model, replica), settings, dev)
+    else:
+        gen = generation.EngineGenerator(hf_model, settings, dev,
+                                         after=lambda: engines.forget_forward_trace(student_engine))
+    record = (generation.SampleWriter(os.path.join(cfg.output_dir, "onpolicy_samples"), O.samples_every)
+              if O.samples_every else None)
+    return generation.OnPolicy(lmbda=O.lmbda, seq_kd=O.seq_kd, start_step=O.start_step, seed=cfg.train.seed,
+                               rank=rank, fmt=cfg.data.format, prompt_length=O.prompt_length,
+                               pad_token_id=tokenizer.pad_token_id, generator=gen, record=record)
+
+
+def describe_on_policy(cfg: DistillConfig) -> str:
+    O = cfg.on_policy
+    return (f"on-policy: {O.lmbda:.0%} of the micro-batches sampled by the student after step {O.start_step} "
+            f"(generator: {O.generator}, max_new_tokens {O.max_new_tokens}, temperature {O.temperature}, top_p "
+            f"{O.top_p}), scored by the teacher with loss.divergence {cfg.loss.divergence}")
 
 
 def _model_type(model) -> str:
@@ -521,6 +556,9 @@ def train_step(run: Run, micro_batches: list[dict], before_step=None,
     """
     eng = run.student_engine
     dev = engines.device()
+    gen_stats = None
+    if run.on_policy is not None:  # the student's completions in place of the chosen micro-batches (generation.py)
+        micro_batches, gen_stats = run.on_policy.prepare(micro_batches, run.state.step + 1)
     payloads = run.teacher.host_side(micro_batches, run.loss.vocab_size)  # the teacher's host work (teachers.py)
     prepared = [host_prepare(mb, run.loss.vocab_size) for mb in micro_batches]
     micro_batches = [p[0] for p in prepared]
@@ -558,9 +596,14 @@ def train_step(run: Run, micro_batches: list[dict], before_step=None,
     # this rank's peak memory in its own slot: the sum over ranks gathers them, max taken on the host
     peaks = torch.zeros(run.world_size, dtype=torch.float64, device=dev)
     peaks[run.rank] = engines.local_peak_memory_gb()
-    reduced = engines.all_reduce_sum(torch.cat([sums, peaks]))
+    gen = torch.tensor(gen_stats or [], dtype=torch.float64, device=dev)  # on-policy counts (generation.STAT_KEYS)
+    reduced = engines.all_reduce_sum(torch.cat([sums, peaks, gen]))
     host = torch.cat([reduced, counts]).tolist()  # host sync: once per step (counts are global already)
     out = dict(zip(SUM_KEYS, host))
+    if gen_stats is not None:
+        at = len(SUM_KEYS) + run.world_size
+        out.update(generation.step_stats(dict(zip(generation.STAT_KEYS, host[at:at + len(gen_stats)])),
+                                         run.world_size))
     out["mem/peak_gb"] = max(host[len(SUM_KEYS):len(SUM_KEYS) + run.world_size])
     out["global_tokens"], out["global_seq_tokens"], out["global_slots"] = host[-3:]
     out["aux_coef"] = eng.module.aux_coef
@@ -586,6 +629,7 @@ def step_metrics(sums: dict, *, lr: float, grad_norm: Optional[float], seconds: 
         row[f"kd/{k}"] = sums[f"kd/{k}"] / n
     if aux is not None:
         row["loss/aux"] = aux
+    row.update({k: v for k, v in sums.items() if k.startswith("onpolicy/")})
     return row
 
 
