@@ -304,7 +304,8 @@ def step_stats(reduced: dict, world_size: int) -> dict:
             "onpolicy/generated_tokens": tokens,
             "onpolicy/completion_len": tokens / max(reduced["onpolicy/completions"], 1.0),
             "onpolicy/gen_seconds": seconds,
-            "onpolicy/gen_tokens_per_sec": tokens / seconds if seconds > 0 else 0.0}
+            "onpolicy/gen_tokens_per_sec": tokens / seconds if seconds > 0 else 0.0,
+            "onpolicy/decode_forwards": reduced["onpolicy/decode_forwards"]}  # sampler forwards, all ranks
 
 
 class SampleWriter:

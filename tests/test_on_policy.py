@@ -11,7 +11,8 @@ Under real DeepSpeed, 2 CPU ranks x 2 micro-batches, ZeRO-3 (tests/scripts/onpol
   samples from the step-start student in this (separate) process with the documented seed
   (generation.sample_seed), prompt masked, completion + EOS trained, nothing after EOS; the step's loss and full
   gradient equal an fp64 recomputation on the same generated batch (1e-5), normalised by the generated tokens
-  of all micro-batches and ranks.
+  of all micro-batches and ranks. The JSD step samples through the ZeRO-3 engine (generator: engine): every rank
+  runs max_new_tokens forwards per micro-batch whatever its samples, and the ids are still HF generate's.
 And with launch/train.py (two launches): rank 0's prompts make the student end at once, rank 1's make it run to
 max_new_tokens; the run is killed after step 3 and resumed from its step-2 checkpoint; the resumed step 3 samples the
 same completions and logs the same losses as the killed run's uninterrupted step 3; onpolicy/frac follows the seeded
@@ -208,8 +209,6 @@ def test_on_policy_steps_generated_ids_and_fp64_gradients(tiny_assets, tmp_path)
 
     tok = AutoTokenizer.from_pretrained(tiny_assets["tokenizer"])
     eos, pad = tok.eos_token_id, tok.pad_token_id
-    from transformers import AutoModelForCausalLM
-
     saw_eos = saw_cut = False
     for i, div in enumerate(divergences):
         d = root / f"step{i}"
@@ -243,6 +242,10 @@ def test_on_policy_steps_generated_ids_and_fp64_gradients(tiny_assets, tmp_path)
         # the normaliser: the generated tokens of all micro-batches and ranks
         assert sums["tokens"] == n == generated == sums["onpolicy/generated_tokens"]
         assert sums["onpolicy/frac"] == 1.0
+        if sums["generator"] == "EngineGenerator":  # every rank ran max_new_tokens forwards per micro-batch
+            assert sums["onpolicy/decode_forwards"] == 2 * 2 * O["max_new_tokens"]
+        else:  # the gathered copy stops once a micro-batch's rows all ended
+            assert sums["onpolicy/decode_forwards"] == sum(max(len(c) for c in row["completions"]) for row in samples)
         assert math.isclose(sums["total"] / sums["tokens"], ref_loss, rel_tol=1e-5), div
         got = load_file(str(d / "grads.safetensors"))
         assert set(got) == set(ref_grads)
@@ -251,7 +254,6 @@ def test_on_policy_steps_generated_ids_and_fp64_gradients(tiny_assets, tmp_path)
             assert err < 1e-5, f"{div} {name}: relative gradient error {err:.2e}"
         del step_student
     assert saw_eos and saw_cut  # completions that ended at EOS and completions cut at max_new_tokens
-    _ = AutoModelForCausalLM
 
 
 @pytest.mark.multirank

@@ -8,7 +8,8 @@
    each step (rank 0, <output_dir>/onpolicy_check/step{i}/): the step-start student (weights.safetensors, gathered
    from the ZeRO-3 shards), the full gradients before the optimizer step (grads.safetensors), every rank's trained
    micro-batches (batches.safetensors) with the prompts, seeds and completions the generator recorded
-   (samples.json), and the step's global sums (sums.json).
+   (samples.json), and the step's global sums (sums.json). The last step samples through the ZeRO-3 engine
+   (on_policy.generator: engine), the others with the gathered copy.
 """
 import dataclasses
 import json
@@ -17,6 +18,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
+import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
@@ -61,6 +63,10 @@ def main():
 
     run.on_policy.prepare = recording_prepare
     for i, div in enumerate(divergences):
+        if i == len(divergences) - 1:  # the last step samples through the ZeRO-3 engine (on_policy.generator engine)
+            engine_cfg = dataclasses.replace(cfg, on_policy=dataclasses.replace(cfg.on_policy, generator="engine"))
+            run.on_policy.generators["student"] = trainer.build_on_policy(
+                engine_cfg, run.rank, run.tokenizer, eng, run.loss.vocab_size, torch.float32).generators["student"]
         run.loss = eng.module.loss_spec = dataclasses.replace(run.loss, divergence=div)
         start = engines.consolidated_state_dict(eng)  # collective: the step-start student
         grads = {}
@@ -90,7 +96,7 @@ def main():
             with open(os.path.join(d, "samples.json"), "w") as f:
                 json.dump([row for rows in all_samples for row in rows], f)
             with open(os.path.join(d, "sums.json"), "w") as f:
-                json.dump({**sums, "divergence": div, "vocab_size": run.loss.vocab_size, "step": run.state.step},
+                json.dump({**sums, "divergence": div, "generator": type(run.on_policy.generators["student"]).__name__, "vocab_size": run.loss.vocab_size, "step": run.state.step},
                           f)
     if run.rank == 0:
         with open(os.path.join(root, "lmbda0.json"), "w") as f:
