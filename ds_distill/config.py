@@ -328,8 +328,9 @@ class OnPolicyConfig:
     reverse_kl is the usual on-policy choice; loss.alpha 1 trains on the divergence alone, without CE on the
     student's own samples)."""
     seq_kd: float = 0.0
-    """Fraction of micro-batches whose completions the teacher samples (sequence-level KD); lmbda + seq_kd <= 1.
-    Only 0 is implemented so far (a value > 0 is refused)."""
+    """Fraction of micro-batches whose completions the teacher samples (sequence-level KD), chosen with the same
+    seeded draw as lmbda; lmbda + seq_kd <= 1. The teacher samples with an unsharded copy (teacher.sharding zero3:
+    gathered once, costing one teacher copy of memory per rank) or directly (replicate)."""
     max_new_tokens: int = 64
     """Tokens sampled per prompt at most; a sample ends at the tokenizer's EOS, which is trained, and nothing after
     it is. Sequences are prompt + completion, so they can exceed data.max_length by up to this many tokens."""
@@ -541,10 +542,7 @@ def validate_on_policy(cfg: DistillConfig) -> list[str]:
     if not 0.0 <= O.lmbda <= 1.0:
         p.append(f"on_policy.lmbda: {O.lmbda} is outside [0, 1] -> the fraction of on-policy micro-batches, e.g. 0.5")
     if not 0.0 <= O.seq_kd <= 1.0:
-        p.append(f"on_policy.seq_kd: {O.seq_kd} is outside [0, 1]")
-    elif O.seq_kd > 0:
-        p.append(f"on_policy.seq_kd: {O.seq_kd}: sampling the teacher's completions during training is not "
-                 "implemented yet -> set on_policy.seq_kd: 0")
+        p.append(f"on_policy.seq_kd: {O.seq_kd} is outside [0, 1] -> the fraction of teacher-sampled micro-batches")
     if O.lmbda + O.seq_kd > 1.0:
         p.append(f"on_policy.lmbda + on_policy.seq_kd: {O.lmbda} + {O.seq_kd} > 1 -> they are fractions of the same "
                  "micro-batches")
@@ -562,15 +560,17 @@ def validate_on_policy(cfg: DistillConfig) -> list[str]:
         p.append(f"on_policy.start_step: {O.start_step} must be >= 0")
     if O.samples_every < 0:
         p.append(f"on_policy.samples_every: {O.samples_every} must be >= 0 (0 = off)")
-    if O.lmbda > 0:  # what on-policy training needs from the rest of the config
+    key = "on_policy.lmbda" if O.lmbda > 0 else "on_policy.seq_kd"
+    if O.lmbda > 0 or O.seq_kd > 0:  # what sampled completions need from the rest of the config
         if cfg.teacher.path is None or cfg.loss.alpha == 0:
-            p.append("on_policy.lmbda: > 0 needs a teacher model to score the completions -> set teacher.path and "
+            p.append(f"{key}: > 0 needs a teacher model to score the completions -> set teacher.path and "
                      "loss.alpha > 0 (teacher.cache holds scores of the data's tokens only)")
         if cfg.teacher.cache is not None:
-            p.append("on_policy.lmbda: > 0 cannot use teacher.cache (it scores only the data's own tokens) -> set "
+            p.append(f"{key}: > 0 cannot use teacher.cache (it scores only the data's own tokens) -> set "
                      "teacher.path instead")
         if cfg.data.packing:
-            p.append("on_policy.lmbda: > 0 cannot be used with data.packing -> set data.packing: false")
+            p.append(f"{key}: > 0 cannot be used with data.packing -> set data.packing: false")
+    if O.lmbda > 0:
         if O.generator == "gathered" and cfg.student.lora.rank > 0:
             p.append("on_policy.generator: gathered does not copy LoRA students yet -> on_policy.generator: engine")
     return p

@@ -28,6 +28,9 @@ Generators (the `Generator` protocol: `sync()` once per step before sampling, `g
   the parameters in groups, not one per layer per token). Sampling then has no collective at all, so a rank whose
   samples all ended stops at once. Costs one full student copy of memory per rank (launch/plan.py's arithmetic: the
   student's weights in the training dtype). DeepSpeed's hybrid engine applies the same idea.
+- Sequence-level KD (on_policy.seq_kd): the teacher samples, with a `ReplicaGenerator` copied once from its ZeRO-3
+  shards (teacher.sharding zero3; its weights never change) or directly (`PlainGenerator`, teacher.sharding
+  replicate).
 - `EngineGenerator` (on_policy.generator: engine): the sampling loop through the ZeRO-3 student itself, whose hooks
   all-gather every layer for every token. Every rank runs exactly max_new_tokens decode forwards (ranks whose
   samples ended keep stepping), so the collectives stay symmetric. For a student too large to copy; the naive
@@ -172,21 +175,38 @@ class Generator(Protocol):
 
 
 class ReplicaGenerator:
-    """A plain unsharded copy of the student (no ZeRO hooks), refreshed by `copy_weights(replica)` (engines.py:
-    gathers the ZeRO-3 shards, one group of parameters at a time) once per step that samples."""
+    """A plain unsharded copy of a model (no ZeRO hooks), refreshed by `copy_weights(replica)` (engines.py: gathers
+    the ZeRO-3 shards, one group of parameters at a time) once per step that samples; `frozen` (the teacher, whose
+    weights never change): only the first time."""
 
     def __init__(self, build_replica: Callable[[], torch.nn.Module], copy_weights: Callable[[torch.nn.Module], None],
-                 settings: SamplingSettings, dev: torch.device):
+                 settings: SamplingSettings, dev: torch.device, frozen: bool = False):
         self.replica = build_replica().to(dev).eval()
         for p in self.replica.parameters():
             p.requires_grad_(False)
         self.copy_weights, self.settings, self.dev = copy_weights, settings, dev
+        self.frozen, self.synced = frozen, False
 
     def sync(self) -> None:
-        self.copy_weights(self.replica)
+        if not (self.frozen and self.synced):
+            self.copy_weights(self.replica)
+        self.synced = True
 
     def generate(self, prompts: list[list[int]], seed: int) -> tuple[list[list[int]], int]:
         return sample(self.replica, prompts, self.settings, seed, self.dev)
+
+
+class PlainGenerator:
+    """A model already whole on this rank and never trained (teacher.sharding: replicate): sampled directly."""
+
+    def __init__(self, model: torch.nn.Module, settings: SamplingSettings, dev: torch.device):
+        self.model, self.settings, self.dev = model, settings, dev
+
+    def sync(self) -> None:
+        pass
+
+    def generate(self, prompts: list[list[int]], seed: int) -> tuple[list[list[int]], int]:
+        return sample(self.model, prompts, self.settings, seed, self.dev)
 
 
 class EngineGenerator:
@@ -245,7 +265,8 @@ def completion_batch(mb: dict, prompts: list[list[int]], completions: list[list[
 
 # logged per step (summed over ranks by the step's one all-reduce; see OnPolicy.stats)
 STAT_KEYS = ("onpolicy/micro_batches", "onpolicy/all_micro_batches", "onpolicy/completions",
-             "onpolicy/generated_tokens", "onpolicy/gen_seconds", "onpolicy/decode_forwards")
+             "onpolicy/generated_tokens", "onpolicy/gen_seconds", "onpolicy/decode_forwards",
+             "onpolicy/teacher_micro_batches")
 
 
 class OnPolicy:
@@ -284,23 +305,24 @@ class OnPolicy:
             seed = sample_seed(self.seed, step, self.rank, m)
             completions, forwards = gen.generate(prompts, seed)
             out.append(completion_batch(mb, prompts, completions, self.pad_token_id))
-            stats[0] += 1
+            stats[0 if kind == "student" else 6] += 1
             stats[2] += len(completions)
             stats[3] += sum(len(c) for c in completions)
             stats[5] += forwards
             if self.record is not None:
                 self.record({"step": step, "rank": self.rank, "micro_batch": m, "kind": kind, "seed": seed,
                              "prompts": prompts, "completions": completions})
-        stats[4] = time.perf_counter() - t0 if stats[0] else 0.0
+        stats[4] = time.perf_counter() - t0 if stats[0] + stats[6] else 0.0
         return out, stats
 
 
 def step_stats(reduced: dict, world_size: int) -> dict:
     """Logged on-policy metrics from the step's summed STAT_KEYS."""
-    mbs = reduced["onpolicy/micro_batches"]
+    mbs, all_mbs = reduced["onpolicy/micro_batches"], max(reduced["onpolicy/all_micro_batches"], 1.0)
     seconds = reduced["onpolicy/gen_seconds"] / max(world_size, 1)  # mean over ranks
     tokens = reduced["onpolicy/generated_tokens"]
-    return {"onpolicy/frac": mbs / max(reduced["onpolicy/all_micro_batches"], 1.0),
+    return {"onpolicy/frac": mbs / all_mbs,  # student-sampled
+            "onpolicy/seq_kd_frac": reduced["onpolicy/teacher_micro_batches"] / all_mbs,  # teacher-sampled
             "onpolicy/generated_tokens": tokens,
             "onpolicy/completion_len": tokens / max(reduced["onpolicy/completions"], 1.0),
             "onpolicy/gen_seconds": seconds,

@@ -7,8 +7,9 @@ Without DeepSpeed (one process):
 - the on_policy section's validation names each bad key.
 Under real DeepSpeed, 2 CPU ranks x 2 micro-batches, ZeRO-3 (tests/scripts/onpolicy_check.py, one launch):
 - on_policy.lmbda 0 gives the same step sums (losses, tokens) as a config without the section, two steps;
-- with lmbda 1, for forward KL, reverse KL and JSD (one step each): every rank's trained ids are what HF generate
-  samples from the step-start student in this (separate) process with the documented seed
+- with lmbda 1, for forward KL, reverse KL and JSD (one step each; the reverse-KL step is sequence-level KD instead:
+  seq_kd 1, the teacher samples): every rank's trained ids are what HF generate samples from the step-start student
+  (or the teacher) in this (separate) process with the documented seed
   (generation.sample_seed), prompt masked, completion + EOS trained, nothing after EOS; the step's loss and full
   gradient equal an fp64 recomputation on the same generated batch (1e-5), normalised by the generated tokens
   of all micro-batches and ranks. The JSD step samples through the ZeRO-3 engine (generator: engine): every rank
@@ -125,7 +126,7 @@ def test_on_policy_config_errors_name_the_key(tiny_assets, tmp_path):
     from ds_distill.config import parse_config, validate
     from ds_distill.errors import ConfigError
 
-    cfg = tiny_config(tiny_assets, tmp_path / "o", on_policy={"lmbda": 1.5, "seq_kd": 0.2, "max_new_tokens": 0,
+    cfg = tiny_config(tiny_assets, tmp_path / "o", on_policy={"lmbda": 1.5, "seq_kd": 1.2, "max_new_tokens": 0,
                                                               "temperature": 0, "top_p": 0, "prompt_length": 64,
                                                               "start_step": -1})
     cfg["data"]["packing"] = True
@@ -182,7 +183,7 @@ def fp64_step(student_dir, weights, teacher_dir, batches, *, alpha, T, divergenc
 
 @pytest.mark.multirank
 def test_on_policy_steps_generated_ids_and_fp64_gradients(tiny_assets, tmp_path):
-    from transformers import AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     student = eos_student(tiny_assets, tmp_path / "student")
     out = tmp_path / "out"
@@ -192,7 +193,7 @@ def test_on_policy_steps_generated_ids_and_fp64_gradients(tiny_assets, tmp_path)
                 loss={"alpha": 0.8, "temperature": 2.0, "impl": "chunked", "chunk_size": 16, "beta": 0.5})
     plain = tiny_config(tiny_assets, out, **base)
     onp = tiny_config(tiny_assets, out, **base, on_policy=O)
-    divergences = ["forward_kl", "reverse_kl", "jsd"]
+    divergences = ["forward_kl", "seqkd:reverse_kl", "jsd"]
     proc = run_deepspeed(ROOT / "tests" / "scripts" / "onpolicy_check.py",
                          [write_yaml(onp, tmp_path / "onp.yaml"), write_yaml(plain, tmp_path / "plain.yaml"),
                           *divergences])
@@ -210,9 +211,11 @@ def test_on_policy_steps_generated_ids_and_fp64_gradients(tiny_assets, tmp_path)
     tok = AutoTokenizer.from_pretrained(tiny_assets["tokenizer"])
     eos, pad = tok.eos_token_id, tok.pad_token_id
     saw_eos = saw_cut = False
-    for i, div in enumerate(divergences):
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_assets["teacher"], dtype=torch.float32).eval()
+    for i in range(len(divergences)):
         d = root / f"step{i}"
         sums = json.loads((d / "sums.json").read_text())
+        div = sums["divergence"]
         V = sums["vocab_size"]
         batches = load_file(str(d / "batches.safetensors"))
         samples = json.loads((d / "samples.json").read_text())
@@ -225,8 +228,9 @@ def test_on_policy_steps_generated_ids_and_fp64_gradients(tiny_assets, tmp_path)
         for row in samples:
             r, m = row["rank"], row["micro_batch"]
             assert row["seed"] == G.sample_seed(0, sums["step"], r, m)
-            # the step-start student, in this process, with HF generate and the documented seed
-            ref = hf_generate(step_student, row["prompts"], row["seed"], eos=eos, pad=pad, vocab_size=V,
+            assert row["kind"] == ("teacher" if sums["seq_kd"] else "student")
+            # the step-start student (or the teacher), in this process, with HF generate and the documented seed
+            ref = hf_generate(teacher if sums["seq_kd"] else step_student, row["prompts"], row["seed"], eos=eos, pad=pad, vocab_size=V,
                               max_new_tokens=O["max_new_tokens"], temperature=O["temperature"], top_p=O["top_p"])
             assert row["completions"] == ref, (div, r, m)
             ids, labels = batches[f"r{r}.m{m}.input_ids"], batches[f"r{r}.m{m}.labels"]
@@ -241,10 +245,10 @@ def test_on_policy_steps_generated_ids_and_fp64_gradients(tiny_assets, tmp_path)
                 generated += C
         # the normaliser: the generated tokens of all micro-batches and ranks
         assert sums["tokens"] == n == generated == sums["onpolicy/generated_tokens"]
-        assert sums["onpolicy/frac"] == 1.0
-        if sums["generator"] == "EngineGenerator":  # every rank ran max_new_tokens forwards per micro-batch
+        assert (sums["onpolicy/frac"], sums["onpolicy/seq_kd_frac"]) == ((0.0, 1.0) if sums["seq_kd"] else (1.0, 0.0))
+        if sums["generator"] == "EngineGenerator" and not sums["seq_kd"]:  # every rank ran max_new_tokens forwards per micro-batch
             assert sums["onpolicy/decode_forwards"] == 2 * 2 * O["max_new_tokens"]
-        else:  # the gathered copy stops once a micro-batch's rows all ended
+        else:  # an unsharded copy (the student's or the teacher's) stops once a micro-batch's rows all ended
             assert sums["onpolicy/decode_forwards"] == sum(max(len(c) for c in row["completions"]) for row in samples)
         assert math.isclose(sums["total"] / sums["tokens"], ref_loss, rel_tol=1e-5), div
         got = load_file(str(d / "grads.safetensors"))

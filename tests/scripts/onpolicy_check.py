@@ -9,7 +9,8 @@
    from the ZeRO-3 shards), the full gradients before the optimizer step (grads.safetensors), every rank's trained
    micro-batches (batches.safetensors) with the prompts, seeds and completions the generator recorded
    (samples.json), and the step's global sums (sums.json). The last step samples through the ZeRO-3 engine
-   (on_policy.generator: engine), the others with the gathered copy.
+   (on_policy.generator: engine), the others with the gathered copy. A DIVERGENCE written seqkd:NAME makes that
+   step and the later ones teacher-sampled (on_policy.lmbda 0, seq_kd 1: the teacher's unsharded copy).
 """
 import dataclasses
 import json
@@ -63,7 +64,14 @@ def main():
 
     run.on_policy.prepare = recording_prepare
     for i, div in enumerate(divergences):
-        if i == len(divergences) - 1:  # the last step samples through the ZeRO-3 engine (on_policy.generator engine)
+        if div.startswith("seqkd:"):  # this step the teacher samples (on_policy.seq_kd 1), scored with this divergence
+            div = div[len("seqkd:"):]
+            seq_cfg = dataclasses.replace(cfg, on_policy=dataclasses.replace(cfg.on_policy, lmbda=0.0, seq_kd=1.0))
+            built = trainer.build_on_policy(seq_cfg, run.rank, run.tokenizer, eng, run.loss.vocab_size,
+                                            torch.float32, run.teacher_engine)
+            run.on_policy.generators["teacher"] = built.generators["teacher"]
+            run.on_policy.lmbda, run.on_policy.seq_kd = 0.0, 1.0
+        elif i == len(divergences) - 1:  # the last step samples through the ZeRO-3 engine (generator: engine)
             engine_cfg = dataclasses.replace(cfg, on_policy=dataclasses.replace(cfg.on_policy, generator="engine"))
             run.on_policy.generators["student"] = trainer.build_on_policy(
                 engine_cfg, run.rank, run.tokenizer, eng, run.loss.vocab_size, torch.float32).generators["student"]
@@ -96,7 +104,8 @@ def main():
             with open(os.path.join(d, "samples.json"), "w") as f:
                 json.dump([row for rows in all_samples for row in rows], f)
             with open(os.path.join(d, "sums.json"), "w") as f:
-                json.dump({**sums, "divergence": div, "generator": type(run.on_policy.generators["student"]).__name__, "vocab_size": run.loss.vocab_size, "step": run.state.step},
+                json.dump({**sums, "divergence": div, "generator": type(run.on_policy.generators["student"]).__name__,
+                       "seq_kd": run.on_policy.seq_kd, "vocab_size": run.loss.vocab_size, "step": run.state.step},
                           f)
     if run.rank == 0:
         with open(os.path.join(root, "lmbda0.json"), "w") as f:
