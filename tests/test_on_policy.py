@@ -15,9 +15,10 @@ Under real DeepSpeed, 2 CPU ranks x 2 micro-batches, ZeRO-3 (tests/scripts/onpol
   of all micro-batches and ranks. The JSD step samples through the ZeRO-3 engine (generator: engine): every rank
   runs max_new_tokens forwards per micro-batch whatever its samples, and the ids are still HF generate's.
 And with launch/train.py (two launches): rank 0's prompts make the student end at once, rank 1's make it run to
-max_new_tokens; the run is killed after step 3 and resumed from its step-2 checkpoint; the resumed step 3 samples the
-same completions and logs the same losses as the killed run's uninterrupted step 3; onpolicy/frac follows the seeded
-choice and on_policy.start_step.
+max_new_tokens (no hang under a 120 s watchdog); the run is killed after step 3 and resumed from its step-2
+checkpoint; the resumed step 3 samples the same completions and logs the same losses as the killed run's
+uninterrupted step 3; onpolicy/frac follows the seeded choice and on_policy.start_step. launch/generate.py (1 rank,
+two launches): offline sequence-level KD rows equal HF generate of the teacher per sample id, resumable.
 """
 import json
 import math
@@ -262,7 +263,8 @@ def test_on_policy_steps_generated_ids_and_fp64_gradients(tiny_assets, tmp_path)
 
 @pytest.mark.multirank
 def test_ranks_ending_apart_kill_and_resume_equal_uninterrupted(tiny_assets, tmp_path):
-    """Rank 0's prompts end at once, rank 1's run to max_new_tokens; killed after step 3, resumed from step 2."""
+    """Rank 0's prompts end at once, rank 1's run to max_new_tokens; killed after step 3 (the last), resumed from
+    the step-2 checkpoint: the redone step 3 equals the killed run's uninterrupted step 3."""
     from transformers import AutoTokenizer
 
     from ds_distill.data import epoch_permutation
@@ -272,7 +274,7 @@ def test_ranks_ending_apart_kill_and_resume_equal_uninterrupted(tiny_assets, tmp
              (Path(tiny_assets["data"]) / "text_train.jsonl").read_text().splitlines()[:40]]
     seed, n = 1, 40
     perm = epoch_permutation(n, seed, 0)
-    rank_of = {row: i % 2 for i, row in enumerate(perm)}  # rank r reads perm[r::2] in epoch 0 (4 steps: 16 rows)
+    rank_of = {row: i % 2 for i, row in enumerate(perm)}  # rank r reads perm[r::2] in epoch 0 (3 steps: 12 rows)
     texts = [("alpha " if rank_of[i] == 0 else "omega ") + p for i, p in enumerate(paras)]
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
@@ -282,7 +284,7 @@ def test_ranks_ending_apart_kill_and_resume_equal_uninterrupted(tiny_assets, tmp
     out = tmp_path / "run"
     max_new = 12
     cfg = tiny_config(tiny_assets, out, fmt="text", student={"path": student},
-                      train={"micro_batch_size": 2, "grad_accum_steps": 2, "max_steps": 4, "lr": 1e-3, "seed": seed,
+                      train={"micro_batch_size": 2, "grad_accum_steps": 2, "max_steps": 3, "lr": 1e-3, "seed": seed,
                              "watchdog_timeout_s": 120},
                       loss={"alpha": 1.0, "divergence": "reverse_kl", "temperature": 1.0, "impl": "chunked",
                             "chunk_size": 64},
@@ -301,7 +303,7 @@ def test_ranks_ending_apart_kill_and_resume_equal_uninterrupted(tiny_assets, tmp
     resumed = run_deepspeed(ROOT / "launch" / "train.py", ["--config", path])
     assert_ok(resumed)
     rows = {r["step"]: r for r in read_jsonl(out / "metrics.jsonl") if "loss/total" in r}
-    assert sorted(rows) == [1, 2, 3, 4]
+    assert sorted(rows) == [1, 2, 3]
 
     # the resumed step 3 is the killed run's uninterrupted step 3: the same samples and the same logged numbers
     for name in ("step_00000003_rank0.jsonl", "step_00000003_rank1.jsonl"):
@@ -315,7 +317,7 @@ def test_ranks_ending_apart_kill_and_resume_equal_uninterrupted(tiny_assets, tmp
         want = 0.0 if s == 1 else G.choose_micro_batches(seed, s, 2, 0.75).count("student") / 2
         assert r.get("onpolicy/frac", 0.0) == want, s
     # rank 0's samples ended at once (EOS), rank 1's ran to max_new_tokens; every step has both ranks' forwards
-    for s in (2, 3, 4):
+    for s in (2, 3):
         for rank, want in ((0, [1]), (1, [max_new])):
             got = [json.loads(line) for line in (out / "onpolicy_samples" /
                                                  f"step_{s:08d}_rank{rank}.jsonl").read_text().splitlines()]
@@ -325,3 +327,59 @@ def test_ranks_ending_apart_kill_and_resume_equal_uninterrupted(tiny_assets, tmp
             if rank == 0:
                 assert all(c == [tok.eos_token_id] for row in got for c in row["completions"])
         assert rows[s]["onpolicy/completion_len"] > 0
+
+
+def test_generate_offline_seq_kd_dataset_deterministic_and_resumable(tiny_assets, tmp_path):
+    """launch/generate.py (1 rank): the teacher's completions of the prompts, one per sample id (each equal to HF
+    generate with the documented per-sample seed), in the data's format; a run killed mid-way (a part file cut,
+    its last line torn) finishes to the identical file."""
+    import os
+    import subprocess
+    import sys
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from conftest import free_port
+    from ds_distill import data
+
+    src = Path(tiny_assets["data"]) / "instruction_train.jsonl"
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(src.read_text().splitlines(keepends=True)[:6]))
+    cfg = tiny_config(tiny_assets, tmp_path / "o", fmt="instruction",
+                      on_policy={"max_new_tokens": 8, "temperature": 1.0, "top_p": 0.9})
+    cfg["data"].update({"train_files": [str(train)], "eval_files": []})
+    path = write_yaml(cfg, tmp_path / "c.yaml")
+    out = tmp_path / "seqkd.jsonl"
+
+    def launch():
+        env = {**os.environ, "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+        proc = subprocess.run([sys.executable, str(ROOT / "launch" / "generate.py"), "--config", path, "--out",
+                               str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert_ok(proc)
+
+    launch()
+    first = out.read_text()
+    rows = [json.loads(line) for line in first.splitlines()]
+    assert [r["sample_id"] for r in rows] == list(range(6))
+    tok = AutoTokenizer.from_pretrained(tiny_assets["tokenizer"])
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_assets["teacher"], dtype=torch.float32).eval()
+    ds = data.build_dataset([str(train)], "instruction", tok, 64)
+    for r in rows:
+        row = ds[r["sample_id"]]
+        mb = data.collate([row], tok.pad_token_id)
+        p = G.prompt_lengths(mb, "instruction", 0)[0]
+        (c,) = hf_generate(teacher, [row["input_ids"][:p]], G.sample_seed(0, 0, 0, r["sample_id"]),
+                           eos=tok.eos_token_id, pad=tok.pad_token_id, vocab_size=len(tok), max_new_tokens=8,
+                           temperature=1.0, top_p=0.9)
+        c = c[:-1] if c and c[-1] == tok.eos_token_id else c
+        assert r["text"] == tok.decode(row["input_ids"][:p]) + tok.decode(c)
+        assert r["text"].startswith("Instruction:") and "Response:" in r["text"]
+    # the file trains like any instruction data: every row keeps a trained response
+    assert len(data.build_dataset([str(out)], "instruction", tok, 64)) == 6
+    # killed mid-way: the merged file gone, the part cut after 3 rows with a torn 4th line
+    part = Path(str(out) + ".parts") / "rank0.jsonl"
+    lines = part.read_text().splitlines(keepends=True)
+    part.write_text("".join(lines[:3]) + lines[3][:10])
+    out.unlink()
+    launch()
+    assert out.read_text() == first
