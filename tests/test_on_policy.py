@@ -330,9 +330,10 @@ def test_ranks_ending_apart_kill_and_resume_equal_uninterrupted(tiny_assets, tmp
 
 
 def test_generate_offline_seq_kd_dataset_deterministic_and_resumable(tiny_assets, tmp_path):
-    """launch/generate.py (1 rank): the teacher's completions of the prompts, one per sample id (each equal to HF
-    generate with the documented per-sample seed), in the data's format; a run killed mid-way (a part file cut,
-    its last line torn) finishes to the identical file."""
+    """launch/generate.py (1 rank, one launch) resuming a run killed mid-way: its part file holds rows 0-1 (marked,
+    so that keeping them is visible) and a torn line of row 2. The merged file has every sample id once, in order:
+    the kept rows as they were, the others each equal to the teacher's HF generate with the documented per-sample
+    seed, in the data's format."""
     import os
     import subprocess
     import sys
@@ -348,23 +349,25 @@ def test_generate_offline_seq_kd_dataset_deterministic_and_resumable(tiny_assets
     cfg = tiny_config(tiny_assets, tmp_path / "o", fmt="instruction",
                       on_policy={"max_new_tokens": 8, "temperature": 1.0, "top_p": 0.9})
     cfg["data"].update({"train_files": [str(train)], "eval_files": []})
-    path = write_yaml(cfg, tmp_path / "c.yaml")
     out = tmp_path / "seqkd.jsonl"
-
-    def launch():
-        env = {**os.environ, "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-        proc = subprocess.run([sys.executable, str(ROOT / "launch" / "generate.py"), "--config", path, "--out",
-                               str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-        assert_ok(proc)
-
-    launch()
-    first = out.read_text()
-    rows = [json.loads(line) for line in first.splitlines()]
+    parts = Path(str(out) + ".parts")
+    parts.mkdir()
+    kept = [json.dumps({"text": f"Instruction: kept {i}\nResponse: from before the kill", "sample_id": i}) + "\n"
+            for i in (0, 1)]
+    (parts / "rank0.jsonl").write_text("".join(kept) + '{"text": "Instruction: torn')
+    env = {**os.environ, "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, str(ROOT / "launch" / "generate.py"), "--config",
+                           write_yaml(cfg, tmp_path / "c.yaml"), "--out", str(out)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert_ok(proc)
+    lines = out.read_text().splitlines(keepends=True)
+    assert lines[:2] == kept
+    rows = [json.loads(line) for line in lines]
     assert [r["sample_id"] for r in rows] == list(range(6))
     tok = AutoTokenizer.from_pretrained(tiny_assets["tokenizer"])
     teacher = AutoModelForCausalLM.from_pretrained(tiny_assets["teacher"], dtype=torch.float32).eval()
     ds = data.build_dataset([str(train)], "instruction", tok, 64)
-    for r in rows:
+    for r in rows[2:]:
         row = ds[r["sample_id"]]
         mb = data.collate([row], tok.pad_token_id)
         p = G.prompt_lengths(mb, "instruction", 0)[0]
@@ -376,10 +379,3 @@ def test_generate_offline_seq_kd_dataset_deterministic_and_resumable(tiny_assets
         assert r["text"].startswith("Instruction:") and "Response:" in r["text"]
     # the file trains like any instruction data: every row keeps a trained response
     assert len(data.build_dataset([str(out)], "instruction", tok, 64)) == 6
-    # killed mid-way: the merged file gone, the part cut after 3 rows with a torn 4th line
-    part = Path(str(out) + ".parts") / "rank0.jsonl"
-    lines = part.read_text().splitlines(keepends=True)
-    part.write_text("".join(lines[:3]) + lines[3][:10])
-    out.unlink()
-    launch()
-    assert out.read_text() == first
