@@ -322,6 +322,20 @@ def estimate(cfg, *, world_size: int, device: str = "gpu", student: Optional[Arc
     if stage == 3:
         phases["optimizer init"] = [Item("fp32 sub-group buffer (ZeRO-3 init)", 4 * min(Nt, sub_group),
                                          opt_where)]
+    # --- on-policy sampling (generation.py): unsharded copies kept between steps, KV cache while sampling
+    O = getattr(cfg, "on_policy", None)
+    if O is not None and (O.lmbda > 0 or O.seq_kd > 0):
+        if O.lmbda > 0 and O.generator == "gathered" and stage == 3:
+            states.append(Item("on-policy student copy (unsharded, generator: gathered)", s.params * e,
+                               note=f"{s.params / 1e6:.1f}M; generator: engine avoids it"))
+        if O.seq_kd > 0 and t is not None and not replicated:
+            states.append(Item("seq-KD teacher copy (unsharded)", t.params * e, note=f"{t.params / 1e6:.1f}M"))
+        gen_len = S + O.max_new_tokens
+        sampler = max([s] + ([t] if O.seq_kd > 0 and t is not None else []), key=lambda a: a.layers * a.hkv)
+        phases["on-policy sampling"] = [
+            Item("KV cache", 2 * sampler.layers * sampler.hkv * B * gen_len * e,
+                 note=f"{B} x (max_length + max_new_tokens = {gen_len}) tokens"),
+            Item("next-token logits + sampling buffers (fp32)", 4 * B * sampler.vocab_rows * 4)]
     plan = Plan(world_size=dp, micro_batch_size=B, chunk_size=c_size, max_length=S, precision=prec,
                 states=states, phases=phases)
     if cfg.teacher.offload_params and t is not None:
