@@ -350,3 +350,33 @@ class SampleWriter:
         self.started.add(path)
         with open(path, mode) as f:
             f.write(json.dumps(row) + "\n")
+
+
+@torch.no_grad()
+def own_sample_kl(student, teacher, prompts: list[list[int]], settings: SamplingSettings, seed: int,
+                  dev: torch.device, batch_size: int = 16) -> dict:
+    """The teacher-scored KL on the student's own samples: the student samples a completion per prompt (`sample`,
+    seed + batch index), then at every completion position (EOS included) the exact reverse KL over the vocabulary,
+    KL(student || teacher) of the next-token distributions at T = 1, averaged over all completion tokens.
+    Plain HF models in one process (launch/demo.py). Returns {"kl", "tokens", "completion_len"}."""
+    total, tokens, n = 0.0, 0, 0
+    V = settings.vocab_size
+    for b in range(0, len(prompts), batch_size):
+        batch = prompts[b:b + batch_size]
+        completions, _ = sample(student, batch, settings, seed + b, dev)
+        rows = [p + c for p, c in zip(batch, completions)]
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), settings.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, :len(r)] = torch.tensor(r)
+            mask[i, :len(r)] = 1
+        ids, mask = ids.to(dev), mask.to(dev)
+        lq = torch.log_softmax(student(input_ids=ids, attention_mask=mask).logits[..., :V].float(), -1)
+        lp = torch.log_softmax(teacher(input_ids=ids, attention_mask=mask).logits[..., :V].float(), -1)
+        kl = (lq.exp() * (lq - lp)).sum(-1)  # [B, S]: position t predicts token t + 1
+        for i, (p, c) in enumerate(zip(batch, completions)):
+            total += float(kl[i, len(p) - 1:len(p) - 1 + len(c)].sum())
+            tokens += len(c)
+            n += 1
+    return {"kl": total / max(tokens, 1), "tokens": tokens, "completion_len": tokens / max(n, 1)}

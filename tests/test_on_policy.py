@@ -101,6 +101,24 @@ def test_sampler_equals_hf_generate_and_engine_path_runs_to_max(tiny_assets, tmp
         lengths |= {len(c) for c in mine}
         assert all(tok.eos_token_id not in c[:-1] for c in mine)
     assert min(lengths) < 16 and 16 in lengths, lengths  # samples that ended at EOS and samples cut at the limit
+    # the demo's teacher-scored KL on own samples: 0 against itself; against another model, the per-token reverse KL
+    # of the same samples computed position by position without a batch
+    s = G.SamplingSettings(max_new_tokens=6, temperature=1.0, top_p=1.0, eos_token_id=tok.eos_token_id,
+                           pad_token_id=tok.pad_token_id, vocab_size=V)
+    assert abs(G.own_sample_kl(model, model, prompts, s, 3, torch.device("cpu"))["kl"]) < 1e-6
+    other = AutoModelForCausalLM.from_pretrained(tiny_assets["student"], dtype=torch.float32).eval()
+    got = G.own_sample_kl(model, other, prompts, s, 3, torch.device("cpu"), batch_size=2)
+    total, n = 0.0, 0
+    for b in range(0, len(prompts), 2):
+        completions, _ = G.sample(model, prompts[b:b + 2], s, 3 + b, torch.device("cpu"))
+        for p, c in zip(prompts[b:b + 2], completions):
+            ids = torch.tensor([p + c])
+            with torch.no_grad():
+                lq = torch.log_softmax(model(ids).logits[0, :, :V].double(), -1)
+                lp = torch.log_softmax(other(ids).logits[0, :, :V].double(), -1)
+            total += float((lq.exp() * (lq - lp)).sum(-1)[len(p) - 1:len(p) - 1 + len(c)].sum())
+            n += len(c)
+    assert got["tokens"] == n and got["kl"] == pytest.approx(total / n, rel=1e-4)
 
 
 def test_trained_batch_masks_prompt_and_nothing_after_eos():
