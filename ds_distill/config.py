@@ -350,7 +350,8 @@ class OnPolicyConfig:
     """gathered: sample with an unsharded copy of the student on each rank, refreshed from the ZeRO-3 shards once
     per step that samples (costs one copy of the student's weights per rank; no collective while sampling).
     engine: sample through the ZeRO-3 student engine itself (no copy; every layer all-gathered for every token, all
-    ranks run max_new_tokens decode forwards): for students too large to copy."""
+    ranks run max_new_tokens decode forwards): for students too large to copy. Below ZeRO stage 3 the student is
+    whole on every rank and samples directly (no copy, no collective) either way."""
     samples_every: int = 0
     """Write the sampled prompts, completions and seeds of every N-th step to output_dir/onpolicy_samples/ (one
     jsonl per rank and step) to inspect what the student generates. 0 = off."""

@@ -197,7 +197,8 @@ class ReplicaGenerator:
 
 
 class PlainGenerator:
-    """A model already whole on this rank and never trained (teacher.sharding: replicate): sampled directly."""
+    """A model already whole on this rank, sampled directly in eval mode (no dropout), no collective: the replicated
+    teacher (teacher.sharding: replicate) or a student below ZeRO stage 3 (its weights are whole on every rank)."""
 
     def __init__(self, model: torch.nn.Module, settings: SamplingSettings, dev: torch.device):
         self.model, self.settings, self.dev = model, settings, dev
@@ -206,7 +207,12 @@ class PlainGenerator:
         pass
 
     def generate(self, prompts: list[list[int]], seed: int) -> tuple[list[list[int]], int]:
-        return sample(self.model, prompts, self.settings, seed, self.dev)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            return sample(self.model, prompts, self.settings, seed, self.dev)
+        finally:
+            self.model.train(was_training)
 
 
 class EngineGenerator:

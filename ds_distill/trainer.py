@@ -446,6 +446,8 @@ def build_on_policy(cfg: DistillConfig, rank: int, tokenizer, student_engine, vo
                                                       settings, dev, frozen=True)
     if O.lmbda <= 0:
         gen = None
+    elif not any(engines.is_partitioned(p) for p in hf_model.parameters()):  # ZeRO 0-2: already whole here
+        gen = generation.PlainGenerator(hf_model, settings, dev)
     elif O.generator == "gathered":
         gen = generation.ReplicaGenerator(lambda: models.unsharded_copy(hf_model, dev, dtype),
                                           lambda replica: engines.copy_gathered(hf_model, replica), settings, dev)

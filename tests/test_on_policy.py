@@ -101,6 +101,10 @@ def test_sampler_equals_hf_generate_and_engine_path_runs_to_max(tiny_assets, tmp
         lengths |= {len(c) for c in mine}
         assert all(tok.eos_token_id not in c[:-1] for c in mine)
     assert min(lengths) < 16 and 16 in lengths, lengths  # samples that ended at EOS and samples cut at the limit
+    # a whole model (ZeRO 0-2 student, replicated teacher) samples directly, in eval mode, and is left as it was
+    model.train()
+    direct = G.PlainGenerator(model, s, torch.device("cpu")).generate(prompts, 7)
+    assert model.training and direct == G.sample(model.eval(), prompts, s, 7, torch.device("cpu"))
     # the demo's teacher-scored KL on own samples: 0 against itself; against another model, the per-token reverse KL
     # of the same samples computed position by position without a batch
     s = G.SamplingSettings(max_new_tokens=6, temperature=1.0, top_p=1.0, eos_token_id=tok.eos_token_id,
