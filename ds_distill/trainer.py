@@ -413,60 +413,15 @@ def build(cfg: DistillConfig) -> Run:
     run = Run(cfg=cfg, rank=rank, world_size=world, tokenizer=tokenizer, student_engine=student_engine,
               teacher=source, stream=stream, eval_dataset=eval_ds, loss=loss_spec, state=state,
               ckpt_root=ckpt_root, vocab_message=vocab_message)
-    run.on_policy = build_on_policy(cfg, rank, tokenizer, student_engine, loss_spec.vocab_size, dtype,  # issue 15
-                                    teacher_engine)
+    run.on_policy = generation.build_on_policy(cfg, rank, tokenizer, student_engine, loss_spec.vocab_size,  # i15
+                                               dtype, teacher_engine)
     if run.on_policy is not None:
-        run.vocab_message += "\n" + describe_on_policy(cfg)
+        run.vocab_message += "\n" + generation.describe_on_policy(cfg)
     if resume_from:
         run.vocab_message += f"\nresumed from {resume_from} at step {state.step}"
     for m in notices:
         run.vocab_message += "\n" + m
     return run
-
-
-def build_on_policy(cfg: DistillConfig, rank: int, tokenizer, student_engine, vocab_size: int,
-                    dtype: torch.dtype, teacher_engine=None) -> Optional[generation.OnPolicy]:
-    """on_policy.lmbda or seq_kd > 0: the step's batch builder with the configured generators (generation.py)."""
-    O = cfg.on_policy
-    if O.lmbda <= 0 and O.seq_kd <= 0:
-        return None
-    dev = engines.device()
-    settings = generation.SamplingSettings(
-        max_new_tokens=O.max_new_tokens, temperature=O.temperature, top_p=O.top_p,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, vocab_size=vocab_size)
-    hf_model = student_engine.module.model
-    teacher_gen = None
-    if O.seq_kd > 0:  # the teacher samples: its weights never change, so its copy is gathered once
-        t_model = teacher_engine.module.model
-        if isinstance(teacher_engine, engines.ReplicatedTeacher):
-            teacher_gen = generation.PlainGenerator(t_model, settings, dev)
-        else:
-            teacher_gen = generation.ReplicaGenerator(lambda: models.unsharded_copy(t_model, dev, dtype),
-                                                      lambda replica: engines.copy_gathered(t_model, replica),
-                                                      settings, dev, frozen=True)
-    if O.lmbda <= 0:
-        gen = None
-    elif not any(engines.is_partitioned(p) for p in hf_model.parameters()):  # ZeRO 0-2: already whole here
-        gen = generation.PlainGenerator(hf_model, settings, dev)
-    elif O.generator == "gathered":
-        gen = generation.ReplicaGenerator(lambda: models.unsharded_copy(hf_model, dev, dtype),
-                                          lambda replica: engines.copy_gathered(hf_model, replica), settings, dev)
-    else:
-        gen = generation.EngineGenerator(hf_model, settings, dev,
-                                         after=lambda: engines.forget_forward_trace(student_engine))
-    record = (generation.SampleWriter(os.path.join(cfg.output_dir, "onpolicy_samples"), O.samples_every)
-              if O.samples_every else None)
-    return generation.OnPolicy(lmbda=O.lmbda, seq_kd=O.seq_kd, start_step=O.start_step, seed=cfg.train.seed,
-                               rank=rank, fmt=cfg.data.format, prompt_length=O.prompt_length,
-                               pad_token_id=tokenizer.pad_token_id, generator=gen, teacher_generator=teacher_gen,
-                               record=record)
-
-
-def describe_on_policy(cfg: DistillConfig) -> str:
-    O = cfg.on_policy
-    return (f"on-policy: {O.lmbda:.0%} of the micro-batches sampled by the student, {O.seq_kd:.0%} by the teacher, "
-            f"after step {O.start_step} (generator: {O.generator}, max_new_tokens {O.max_new_tokens}, temperature {O.temperature}, top_p "
-            f"{O.top_p}), scored by the teacher with loss.divergence {cfg.loss.divergence}")
 
 
 def _model_type(model) -> str:

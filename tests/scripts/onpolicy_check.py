@@ -23,7 +23,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-from ds_distill import engines, trainer  # noqa: E402
+from ds_distill import engines, generation, trainer  # noqa: E402
 from ds_distill.config import parse_config  # noqa: E402
 
 
@@ -67,13 +67,13 @@ def main():
         if div.startswith("seqkd:"):  # this step the teacher samples (on_policy.seq_kd 1), scored with this divergence
             div = div[len("seqkd:"):]
             seq_cfg = dataclasses.replace(cfg, on_policy=dataclasses.replace(cfg.on_policy, lmbda=0.0, seq_kd=1.0))
-            built = trainer.build_on_policy(seq_cfg, run.rank, run.tokenizer, eng, run.loss.vocab_size,
+            built = generation.build_on_policy(seq_cfg, run.rank, run.tokenizer, eng, run.loss.vocab_size,
                                             torch.float32, run.teacher_engine)
             run.on_policy.generators["teacher"] = built.generators["teacher"]
             run.on_policy.lmbda, run.on_policy.seq_kd = 0.0, 1.0
         elif i == len(divergences) - 1:  # the last step samples through the ZeRO-3 engine (generator: engine)
             engine_cfg = dataclasses.replace(cfg, on_policy=dataclasses.replace(cfg.on_policy, generator="engine"))
-            run.on_policy.generators["student"] = trainer.build_on_policy(
+            run.on_policy.generators["student"] = generation.build_on_policy(
                 engine_cfg, run.rank, run.tokenizer, eng, run.loss.vocab_size, torch.float32).generators["student"]
         run.loss = eng.module.loss_spec = dataclasses.replace(run.loss, divergence=div)
         start = engines.consolidated_state_dict(eng)  # collective: the step-start student
