@@ -539,30 +539,30 @@ def validate(cfg: DistillConfig, world_size: Optional[int] = None) -> None:
 
 def validate_on_policy(cfg: DistillConfig) -> list[str]:
     """Problems of the on_policy section (none when it is off: lmbda 0, seq_kd 0)."""
-    O, p = cfg.on_policy, []
-    if not 0.0 <= O.lmbda <= 1.0:
-        p.append(f"on_policy.lmbda: {O.lmbda} is outside [0, 1] -> the fraction of on-policy micro-batches, e.g. 0.5")
-    if not 0.0 <= O.seq_kd <= 1.0:
-        p.append(f"on_policy.seq_kd: {O.seq_kd} is outside [0, 1] -> the fraction of teacher-sampled micro-batches")
-    if O.lmbda + O.seq_kd > 1.0:
-        p.append(f"on_policy.lmbda + on_policy.seq_kd: {O.lmbda} + {O.seq_kd} > 1 -> they are fractions of the same "
+    op, p = cfg.on_policy, []
+    if not 0.0 <= op.lmbda <= 1.0:
+        p.append(f"on_policy.lmbda: {op.lmbda} is outside [0, 1] -> the fraction of on-policy micro-batches, e.g. 0.5")
+    if not 0.0 <= op.seq_kd <= 1.0:
+        p.append(f"on_policy.seq_kd: {op.seq_kd} is outside [0, 1] -> the fraction of teacher-sampled micro-batches")
+    if op.lmbda + op.seq_kd > 1.0:
+        p.append(f"on_policy.lmbda + on_policy.seq_kd: {op.lmbda} + {op.seq_kd} > 1 -> they are fractions of the same "
                  "micro-batches")
-    if O.max_new_tokens < 1:
-        p.append(f"on_policy.max_new_tokens: {O.max_new_tokens} must be >= 1")
-    if O.temperature <= 0:
-        p.append(f"on_policy.temperature: {O.temperature} must be > 0 (1.0 samples the model's own distribution)")
-    if not 0.0 < O.top_p <= 1.0:
-        p.append(f"on_policy.top_p: {O.top_p} must be in (0, 1] (1.0 = no nucleus filtering)")
-    if O.prompt_length < 1:
-        p.append(f"on_policy.prompt_length: {O.prompt_length} must be >= 1")
-    elif O.prompt_length >= cfg.data.max_length:
-        p.append(f"on_policy.prompt_length: {O.prompt_length} must be below data.max_length ({cfg.data.max_length})")
-    if O.start_step < 0:
-        p.append(f"on_policy.start_step: {O.start_step} must be >= 0")
-    if O.samples_every < 0:
-        p.append(f"on_policy.samples_every: {O.samples_every} must be >= 0 (0 = off)")
-    key = "on_policy.lmbda" if O.lmbda > 0 else "on_policy.seq_kd"
-    if O.lmbda > 0 or O.seq_kd > 0:  # what sampled completions need from the rest of the config
+    if op.max_new_tokens < 1:
+        p.append(f"on_policy.max_new_tokens: {op.max_new_tokens} must be >= 1")
+    if op.temperature <= 0:
+        p.append(f"on_policy.temperature: {op.temperature} must be > 0 (1.0 samples the model's own distribution)")
+    if not 0.0 < op.top_p <= 1.0:
+        p.append(f"on_policy.top_p: {op.top_p} must be in (0, 1] (1.0 = no nucleus filtering)")
+    if op.prompt_length < 1:
+        p.append(f"on_policy.prompt_length: {op.prompt_length} must be >= 1")
+    elif op.prompt_length >= cfg.data.max_length:
+        p.append(f"on_policy.prompt_length: {op.prompt_length} must be below data.max_length ({cfg.data.max_length})")
+    if op.start_step < 0:
+        p.append(f"on_policy.start_step: {op.start_step} must be >= 0")
+    if op.samples_every < 0:
+        p.append(f"on_policy.samples_every: {op.samples_every} must be >= 0 (0 = off)")
+    key = "on_policy.lmbda" if op.lmbda > 0 else "on_policy.seq_kd"
+    if op.lmbda > 0 or op.seq_kd > 0:  # what sampled completions need from the rest of the config
         if cfg.teacher.path is None or cfg.loss.alpha == 0:
             p.append(f"{key}: > 0 needs a teacher model to score the completions -> set teacher.path and "
                      "loss.alpha > 0 (teacher.cache holds scores of the data's tokens only)")
@@ -571,8 +571,8 @@ def validate_on_policy(cfg: DistillConfig) -> list[str]:
                      "teacher.path instead")
         if cfg.data.packing:
             p.append(f"{key}: > 0 cannot be used with data.packing -> set data.packing: false")
-    if O.lmbda > 0:
-        if O.generator == "gathered" and cfg.student.lora.rank > 0:
+    if op.lmbda > 0:
+        if op.generator == "gathered" and cfg.student.lora.rank > 0:
             p.append("on_policy.generator: gathered does not copy LoRA students yet -> on_policy.generator: engine")
     return p
 

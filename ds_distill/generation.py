@@ -395,16 +395,16 @@ def build_on_policy(cfg, rank: int, tokenizer, student_engine, vocab_size: int,
                     dtype: torch.dtype, teacher_engine=None) -> Optional["OnPolicy"]:
     """on_policy.lmbda or seq_kd > 0 (cfg: a DistillConfig): the step's batch builder with the configured generators,
     built by trainer.build once the engines exist; None when both are 0 (today's training, unchanged)."""
-    O = cfg.on_policy
-    if O.lmbda <= 0 and O.seq_kd <= 0:
+    op = cfg.on_policy
+    if op.lmbda <= 0 and op.seq_kd <= 0:
         return None
     dev = engines.device()
     settings = SamplingSettings(
-        max_new_tokens=O.max_new_tokens, temperature=O.temperature, top_p=O.top_p,
+        max_new_tokens=op.max_new_tokens, temperature=op.temperature, top_p=op.top_p,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, vocab_size=vocab_size)
     hf_model = student_engine.module.model
     teacher_gen = None
-    if O.seq_kd > 0:  # the teacher samples: its weights never change, so its copy is gathered once
+    if op.seq_kd > 0:  # the teacher samples: its weights never change, so its copy is gathered once
         t_model = teacher_engine.module.model
         if isinstance(teacher_engine, engines.ReplicatedTeacher):
             teacher_gen = PlainGenerator(t_model, settings, dev)
@@ -412,26 +412,26 @@ def build_on_policy(cfg, rank: int, tokenizer, student_engine, vocab_size: int,
             teacher_gen = ReplicaGenerator(lambda: models.unsharded_copy(t_model, dev, dtype),
                                                       lambda replica: engines.copy_gathered(t_model, replica),
                                                       settings, dev, frozen=True)
-    if O.lmbda <= 0:
+    if op.lmbda <= 0:
         gen = None
     elif not any(engines.is_partitioned(p) for p in hf_model.parameters()):  # ZeRO 0-2: already whole here
         gen = PlainGenerator(hf_model, settings, dev)
-    elif O.generator == "gathered":
+    elif op.generator == "gathered":
         gen = ReplicaGenerator(lambda: models.unsharded_copy(hf_model, dev, dtype),
                                           lambda replica: engines.copy_gathered(hf_model, replica), settings, dev)
     else:
         gen = EngineGenerator(hf_model, settings, dev,
                                          after=lambda: engines.forget_forward_trace(student_engine))
-    record = (SampleWriter(os.path.join(cfg.output_dir, "onpolicy_samples"), O.samples_every)
-              if O.samples_every else None)
-    return OnPolicy(lmbda=O.lmbda, seq_kd=O.seq_kd, start_step=O.start_step, seed=cfg.train.seed,
-                               rank=rank, fmt=cfg.data.format, prompt_length=O.prompt_length,
+    record = (SampleWriter(os.path.join(cfg.output_dir, "onpolicy_samples"), op.samples_every)
+              if op.samples_every else None)
+    return OnPolicy(lmbda=op.lmbda, seq_kd=op.seq_kd, start_step=op.start_step, seed=cfg.train.seed,
+                               rank=rank, fmt=cfg.data.format, prompt_length=op.prompt_length,
                                pad_token_id=tokenizer.pad_token_id, generator=gen, teacher_generator=teacher_gen,
                                record=record)
 
 
 def describe_on_policy(cfg) -> str:
-    O = cfg.on_policy
-    return (f"on-policy: {O.lmbda:.0%} of the micro-batches sampled by the student, {O.seq_kd:.0%} by the teacher, "
-            f"after step {O.start_step} (generator: {O.generator}, max_new_tokens {O.max_new_tokens}, temperature "
-            f"{O.temperature}, top_p {O.top_p}), scored by the teacher with loss.divergence {cfg.loss.divergence}")
+    op = cfg.on_policy
+    return (f"on-policy: {op.lmbda:.0%} of the micro-batches sampled by the student, {op.seq_kd:.0%} by the teacher, "
+            f"after step {op.start_step} (generator: {op.generator}, max_new_tokens {op.max_new_tokens}, temperature "
+            f"{op.temperature}, top_p {op.top_p}), scored by the teacher with loss.divergence {cfg.loss.divergence}")

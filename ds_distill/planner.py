@@ -323,15 +323,15 @@ def estimate(cfg, *, world_size: int, device: str = "gpu", student: Optional[Arc
         phases["optimizer init"] = [Item("fp32 sub-group buffer (ZeRO-3 init)", 4 * min(Nt, sub_group),
                                          opt_where)]
     # --- on-policy sampling (generation.py): unsharded copies kept between steps, KV cache while sampling
-    O = getattr(cfg, "on_policy", None)
-    if O is not None and (O.lmbda > 0 or O.seq_kd > 0):
-        if O.lmbda > 0 and O.generator == "gathered" and stage == 3:
+    op = getattr(cfg, "on_policy", None)
+    if op is not None and (op.lmbda > 0 or op.seq_kd > 0):
+        if op.lmbda > 0 and op.generator == "gathered" and stage == 3:
             states.append(Item("on-policy student copy (unsharded, generator: gathered)", s.params * e,
                                note=f"{s.params / 1e6:.1f}M; generator: engine avoids it"))
-        if O.seq_kd > 0 and t is not None and not replicated:
+        if op.seq_kd > 0 and t is not None and not replicated:
             states.append(Item("seq-KD teacher copy (unsharded)", t.params * e, note=f"{t.params / 1e6:.1f}M"))
-        gen_len = S + O.max_new_tokens
-        sampler = max([s] + ([t] if O.seq_kd > 0 and t is not None else []), key=lambda a: a.layers * a.hkv)
+        gen_len = S + op.max_new_tokens
+        sampler = max([s] + ([t] if op.seq_kd > 0 and t is not None else []), key=lambda a: a.layers * a.hkv)
         phases["on-policy sampling"] = [
             Item("KV cache", 2 * sampler.layers * sampler.hkv * B * gen_len * e,
                  note=f"{B} x (max_length + max_new_tokens = {gen_len}) tokens"),

@@ -65,9 +65,9 @@ def generate_dataset(cfg: DistillConfig, out: str) -> dict:
                                  cfg.data.text_field)
     teacher = models.load_causal_lm(cfg.teacher.path, dtype=dtype, trust_remote_code=cfg.teacher.trust_remote_code,
                                     allow_pickle=cfg.teacher.allow_pickle_weights).to(dev).eval()
-    O = cfg.on_policy
+    op = cfg.on_policy
     settings = generation.SamplingSettings(
-        max_new_tokens=O.max_new_tokens, temperature=O.temperature, top_p=O.top_p,
+        max_new_tokens=op.max_new_tokens, temperature=op.temperature, top_p=op.top_p,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, vocab_size=len(tokenizer))
     parts = out + ".parts"
     if rank == 0:
@@ -90,7 +90,7 @@ def generate_dataset(cfg: DistillConfig, out: str) -> dict:
             if sid in done:
                 continue
             mb = data.collate([row], tokenizer.pad_token_id)
-            p = generation.prompt_lengths(mb, cfg.data.format, O.prompt_length)[0]
+            p = generation.prompt_lengths(mb, cfg.data.format, op.prompt_length)[0]
             prompt = row["input_ids"][:p]
             (completion,), _ = generation.sample(teacher, [prompt], settings,
                                                  generation.sample_seed(cfg.train.seed, 0, 0, sid), dev)

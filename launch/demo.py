@@ -397,7 +397,8 @@ def main(argv=None) -> int:
         results["on_policy_ppl"] = own_kl["on-policy student"]["ppl"]
         table += "\n" + (f"| on-policy student ({p['student_steps']} steps, lmbda {args.on_policy}, reverse KL, "
                           f"warm start {p['student_steps'] // 4} steps) | {own_kl['on-policy student']['ppl']:.2f} |")
-        table += "\n\n| model | teacher-scored KL on its own samples (held-out prompts) | mean completion |\n|---|---|---|"
+        table += ("\n\n| model | teacher-scored KL on its own samples (held-out prompts) | mean completion |"
+                  "\n|---|---|---|")
         for name, r in own_kl.items():
             table += f"\n| {name} | {r['kl']:.4f} | {r['completion_len']:.1f} |"
     (out / "results.json").write_text(json.dumps(results, indent=1, default=str))

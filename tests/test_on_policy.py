@@ -156,8 +156,9 @@ def test_on_policy_config_errors_name_the_key(tiny_assets, tmp_path):
     with pytest.raises(ConfigError) as e:
         validate(parse_config(["--config", write_yaml(cfg, tmp_path / "c.yaml")]))
     msg = str(e.value)
-    for key in ("on_policy.lmbda:", "on_policy.seq_kd:", "on_policy.lmbda + on_policy.seq_kd", "on_policy.max_new_tokens",
-                "on_policy.temperature", "on_policy.top_p", "on_policy.prompt_length", "on_policy.start_step"):
+    for key in ("on_policy.lmbda:", "on_policy.seq_kd:", "on_policy.lmbda + on_policy.seq_kd",
+                "on_policy.max_new_tokens", "on_policy.temperature", "on_policy.top_p", "on_policy.prompt_length",
+                "on_policy.start_step"):
         assert key in msg, key
     cfg = tiny_config(tiny_assets, tmp_path / "o", on_policy={"lmbda": 0.5}, loss={"alpha": 0.0})
     with pytest.raises(ConfigError, match="on_policy.lmbda: > 0 needs a teacher model"):
@@ -210,12 +211,12 @@ def test_on_policy_steps_generated_ids_and_fp64_gradients(tiny_assets, tmp_path)
 
     student = eos_student(tiny_assets, tmp_path / "student")
     out = tmp_path / "out"
-    O = {"lmbda": 1.0, "max_new_tokens": 10, "temperature": 1.0, "top_p": 0.95}
+    op = {"lmbda": 1.0, "max_new_tokens": 10, "temperature": 1.0, "top_p": 0.95}
     base = dict(fmt="instruction", student={"path": student},
                 train={"micro_batch_size": 2, "grad_accum_steps": 2, "zero_stage": 3, "grad_clip": 0.0, "lr": 1e-2},
                 loss={"alpha": 0.8, "temperature": 2.0, "impl": "chunked", "chunk_size": 16, "beta": 0.5})
     plain = tiny_config(tiny_assets, out, **base)
-    onp = tiny_config(tiny_assets, out, **base, on_policy=O)
+    onp = tiny_config(tiny_assets, out, **base, on_policy=op)
     divergences = ["forward_kl", "seqkd:reverse_kl", "jsd"]
     proc = run_deepspeed(ROOT / "tests" / "scripts" / "onpolicy_check.py",
                          [write_yaml(onp, tmp_path / "onp.yaml"), write_yaml(plain, tmp_path / "plain.yaml"),
@@ -253,8 +254,9 @@ def test_on_policy_steps_generated_ids_and_fp64_gradients(tiny_assets, tmp_path)
             assert row["seed"] == G.sample_seed(0, sums["step"], r, m)
             assert row["kind"] == ("teacher" if sums["seq_kd"] else "student")
             # the step-start student (or the teacher), in this process, with HF generate and the documented seed
-            ref = hf_generate(teacher if sums["seq_kd"] else step_student, row["prompts"], row["seed"], eos=eos, pad=pad, vocab_size=V,
-                              max_new_tokens=O["max_new_tokens"], temperature=O["temperature"], top_p=O["top_p"])
+            ref = hf_generate(teacher if sums["seq_kd"] else step_student, row["prompts"], row["seed"], eos=eos,
+                              pad=pad, vocab_size=V,
+                              max_new_tokens=op["max_new_tokens"], temperature=op["temperature"], top_p=op["top_p"])
             assert row["completions"] == ref, (div, r, m)
             ids, labels = batches[f"r{r}.m{m}.input_ids"], batches[f"r{r}.m{m}.labels"]
             am = batches[f"r{r}.m{m}.attention_mask"]
@@ -264,13 +266,15 @@ def test_on_policy_steps_generated_ids_and_fp64_gradients(tiny_assets, tmp_path)
                 assert (labels[b, :P] == -100).all() and labels[b, P:P + C].tolist() == c  # completion + EOS trained
                 assert (labels[b, P + C:] == -100).all() and (am[b, P + C:] == 0).all()  # nothing after EOS
                 saw_eos |= c[-1] == eos
-                saw_cut |= C == O["max_new_tokens"] and c[-1] != eos
+                saw_cut |= C == op["max_new_tokens"] and c[-1] != eos
                 generated += C
         # the normaliser: the generated tokens of all micro-batches and ranks
         assert sums["tokens"] == n == generated == sums["onpolicy/generated_tokens"]
-        assert (sums["onpolicy/frac"], sums["onpolicy/seq_kd_frac"]) == ((0.0, 1.0) if sums["seq_kd"] else (1.0, 0.0))
-        if sums["generator"] == "EngineGenerator" and not sums["seq_kd"]:  # every rank ran max_new_tokens forwards per micro-batch
-            assert sums["onpolicy/decode_forwards"] == 2 * 2 * O["max_new_tokens"]
+        fracs = (sums["onpolicy/frac"], sums["onpolicy/seq_kd_frac"])
+        assert fracs == ((0.0, 1.0) if sums["seq_kd"] else (1.0, 0.0))
+        # the engine path: every rank ran max_new_tokens forwards per micro-batch
+        if sums["generator"] == "EngineGenerator" and not sums["seq_kd"]:
+            assert sums["onpolicy/decode_forwards"] == 2 * 2 * op["max_new_tokens"]
         else:  # an unsharded copy (the student's or the teacher's) stops once a micro-batch's rows all ended
             assert sums["onpolicy/decode_forwards"] == sum(max(len(c) for c in row["completions"]) for row in samples)
         assert math.isclose(sums["total"] / sums["tokens"], ref_loss, rel_tol=1e-5), div
