@@ -364,6 +364,44 @@ class EvalConfig:
 
 
 @dataclass
+class OnPolicyConfig:
+    lmbda: float = 0.0
+    """Fraction of micro-batches whose completions the student samples (GKD's lambda), chosen per step with a seed
+    from train.seed and the step, the same on every rank, and logged as onpolicy/frac. 0 = off: today's training,
+    step for step. The teacher scores the student's completions with the configured loss (loss.divergence:
+    reverse_kl is the usual on-policy choice; loss.alpha 1 trains on the divergence alone, without CE on the
+    student's own samples)."""
+    seq_kd: float = 0.0
+    """Fraction of micro-batches whose completions the teacher samples (sequence-level KD), chosen with the same
+    seeded draw as lmbda; lmbda + seq_kd <= 1. The teacher samples with an unsharded copy (teacher.sharding zero3:
+    gathered once, costing one teacher copy of memory per rank) or directly (replicate)."""
+    max_new_tokens: int = 64
+    """Tokens sampled per prompt at most; a sample ends at the tokenizer's EOS, which is trained, and nothing after
+    it is. Sequences are prompt + completion, so they can exceed data.max_length by up to this many tokens."""
+    temperature: float = 1.0
+    """Sampling temperature of the completions (1.0 = the model's own distribution)."""
+    top_p: float = 1.0
+    """Nucleus sampling: sample among the most likely tokens holding this much probability (1.0 = all)."""
+    prompt_length: int = 32
+    """data.format text: the prompt is each record's first N tokens (continuation distillation; a shorter record
+    keeps all but its last token). guanaco / instruction / chat: the prompt is everything before the response, and
+    this key is not used."""
+    start_step: int = 0
+    """Train off-policy (on the data) up to and including this step, on-policy after it: a random student's own
+    samples carry little signal, so start from a competent student, by this warm start and/or by pointing
+    student.path at a distilled export (output_dir/final of an off-policy run is a plain HF model directory)."""
+    generator: Literal["gathered", "engine"] = "gathered"
+    """gathered: sample with an unsharded copy of the student on each rank, refreshed from the ZeRO-3 shards once
+    per step that samples (costs one copy of the student's weights per rank; no collective while sampling).
+    engine: sample through the ZeRO-3 student engine itself (no copy; every layer all-gathered for every token, all
+    ranks run max_new_tokens decode forwards): for students too large to copy. Below ZeRO stage 3 the student is
+    whole on every rank and samples directly (no copy, no collective) either way."""
+    samples_every: int = 0
+    """Write the sampled prompts, completions and seeds of every N-th step to output_dir/onpolicy_samples/ (one
+    jsonl per rank and step) to inspect what the student generates. 0 = off."""
+
+
+@dataclass
 class WandbConfig:
     mode: Literal["online", "offline", "disabled"] = "disabled"
     """online: stream to the W&B server (WANDB_API_KEY from the environment). offline: write locally under
@@ -394,6 +432,8 @@ class DistillConfig:
     """Checkpointing and resume."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     """Evaluation during training."""
+    on_policy: OnPolicyConfig = field(default_factory=OnPolicyConfig)
+    """On-policy distillation: the student's own samples, scored by the teacher (ds_distill/generation.py)."""
     wandb: WandbConfig = field(default_factory=WandbConfig)
     """Weights & Biases logging."""
     output_dir: str = "outputs/run"
@@ -584,6 +624,7 @@ def validate(cfg: DistillConfig, world_size: Optional[int] = None) -> None:
             p.append(f"student.lora.dropout: {cfg.student.lora.dropout} must be in [0, 1)")
         if not cfg.student.lora.target_modules:
             p.append("student.lora.target_modules: empty -> name the linear modules, e.g. [q_proj, v_proj]")
+    p += validate_on_policy(cfg)
     for where in _class_paths(cfg.ds_config_overrides, "ds_config_overrides"):
         p.append(f"{where}: a class_path is not a DeepSpeed setting (it would name code to import) -> give plain "
                  "JSON values")
@@ -595,6 +636,52 @@ def validate(cfg: DistillConfig, world_size: Optional[int] = None) -> None:
         p.append(f"teacher.ds_config: '{cfg.teacher.ds_config}' does not exist -> e.g. ds_configs/teacher_zero3.json")
     if p:
         raise ConfigError(p)
+
+
+def validate_on_policy(cfg: DistillConfig) -> list[str]:
+    """Problems of the on_policy section (none when it is off: lmbda 0, seq_kd 0)."""
+    op, p = cfg.on_policy, []
+    if not 0.0 <= op.lmbda <= 1.0:
+        p.append(f"on_policy.lmbda: {op.lmbda} is outside [0, 1] -> the fraction of on-policy micro-batches, e.g. 0.5")
+    if not 0.0 <= op.seq_kd <= 1.0:
+        p.append(f"on_policy.seq_kd: {op.seq_kd} is outside [0, 1] -> the fraction of teacher-sampled micro-batches")
+    if op.lmbda + op.seq_kd > 1.0:
+        p.append(f"on_policy.lmbda + on_policy.seq_kd: {op.lmbda} + {op.seq_kd} > 1 -> they are fractions of the same "
+                 "micro-batches")
+    if op.max_new_tokens < 1:
+        p.append(f"on_policy.max_new_tokens: {op.max_new_tokens} must be >= 1")
+    if op.temperature <= 0:
+        p.append(f"on_policy.temperature: {op.temperature} must be > 0 (1.0 samples the model's own distribution)")
+    if not 0.0 < op.top_p <= 1.0:
+        p.append(f"on_policy.top_p: {op.top_p} must be in (0, 1] (1.0 = no nucleus filtering)")
+    if op.prompt_length < 1:
+        p.append(f"on_policy.prompt_length: {op.prompt_length} must be >= 1")
+    elif op.prompt_length >= cfg.data.max_length:
+        p.append(f"on_policy.prompt_length: {op.prompt_length} must be below data.max_length ({cfg.data.max_length})")
+    if op.start_step < 0:
+        p.append(f"on_policy.start_step: {op.start_step} must be >= 0")
+    if op.samples_every < 0:
+        p.append(f"on_policy.samples_every: {op.samples_every} must be >= 0 (0 = off)")
+    key = "on_policy.lmbda" if op.lmbda > 0 else "on_policy.seq_kd"
+    if op.lmbda > 0 or op.seq_kd > 0:  # what sampled completions need from the rest of the config
+        if cfg.teacher.path is None or cfg.loss.alpha == 0:
+            p.append(f"{key}: > 0 needs a teacher model to score the completions -> set teacher.path and "
+                     "loss.alpha > 0 (teacher.cache holds scores of the data's tokens only)")
+        if cfg.teacher.cache is not None:
+            p.append(f"{key}: > 0 cannot use teacher.cache (it scores only the data's own tokens) -> set "
+                     "teacher.path instead")
+        if cfg.data.packing:
+            p.append(f"{key}: > 0 cannot be used with data.packing -> set data.packing: false")
+        if cfg.teacher.placement == "separate":
+            p.append(f"{key}: > 0 cannot be used with teacher.placement: separate yet (the teacher ranks read the "
+                     "data's micro-batches, not the sampled completions) -> teacher.placement: colocated")
+        if cfg.teacher.server_url is not None:
+            p.append(f"{key}: > 0 cannot be used with teacher.server_url yet (on-policy scoring is tested with a "
+                     "teacher model on the training ranks only) -> set teacher.path instead")
+    if op.lmbda > 0:
+        if op.generator == "gathered" and cfg.student.lora.rank > 0:
+            p.append("on_policy.generator: gathered does not copy LoRA students yet -> on_policy.generator: engine")
+    return p
 
 
 def _class_paths(value, where: str) -> list[str]:

@@ -588,6 +588,39 @@ def gathered(params: Iterable[torch.nn.Parameter]):
     return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
 
 
+def copy_gathered(src: torch.nn.Module, dst: torch.nn.Module, group_elements: int = 1 << 26) -> None:
+    """Copy `src`'s parameters (ZeRO-3 partitioned or not) and buffers into `dst`, a plain module of the same
+    structure: the gather-once refresh of on-policy sampling's unsharded student copy (generation.ReplicaGenerator).
+    Collective under ZeRO-3: every rank gathers the same groups of parameters (about `group_elements` elements each,
+    so the transient full copies stay small) in the same order: one all-gather per group per call, instead of one
+    per layer per generated token through the engine's hooks."""
+    dst_params = dict(dst.named_parameters())
+    dst_modules = dict(dst.named_modules())
+    group: list = []
+    size = 0
+
+    def flush():
+        with gathered([p for _, p in group]), torch.no_grad():
+            for name, p in group:
+                dst_params[name].copy_(p.data)
+        group.clear()
+
+    for name, p in src.named_parameters():
+        if name not in dst_params:
+            raise RuntimeError(f"copy_gathered: parameter {name} has no counterpart in the copy")
+        group.append((name, p))
+        size += p.ds_numel if is_partitioned(p) else p.numel()
+        if size >= group_elements:
+            flush()
+            size = 0
+    if group:
+        flush()
+    with torch.no_grad():
+        for name, b in src.named_buffers():
+            mod_name, _, leaf = name.rpartition(".")
+            dst_modules[mod_name]._buffers[leaf] = b.detach().to(next(iter(dst_params.values())).device, copy=True)
+
+
 def forget_forward_trace(engine) -> None:
     """Make a ZeRO-3 engine forget the module order it recorded (and release what it prefetched), after a forward
     that ran other modules than the usual ones (trainer.probe_heads runs the model's whole HF forward, lm_head

@@ -223,6 +223,22 @@ class StudentWithLoss(nn.Module):
         return out.total, out.ce, out.kd, out.tokens.float(), metrics, aux
 
 
+def unsharded_copy(model: nn.Module, dev: torch.device, dtype: torch.dtype) -> nn.Module:
+    """An empty (uninitialised) plain module of `model`'s class and config on `dev` in `dtype`, no ZeRO hooks, tied
+    weights tied as in the original: filled by engines.copy_gathered (on-policy sampling's student copy)."""
+    import copy
+
+    base = _base(model)
+    config = copy.deepcopy(base.config)
+    config.use_cache = True
+    with torch.device("meta"):
+        replica = type(base)(config)
+    replica = replica.to_empty(device=dev).to(dtype)
+    if getattr(config, "tie_word_embeddings", False):
+        replica.tie_weights()
+    return replica
+
+
 def save_hf_export(model: nn.Module, state_dict: dict, out_dir: str, tokenizer, resolved_config: dict) -> None:
     """Write a plain HF model (safetensors) + tokenizer + the run's resolved config. Rank 0 only."""
     os.makedirs(out_dir, exist_ok=True)

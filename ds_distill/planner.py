@@ -336,6 +336,20 @@ def estimate(cfg, *, world_size: int, device: str = "gpu", student: Optional[Arc
     if stage == 3:
         phases["optimizer init"] = [Item("fp32 sub-group buffer (ZeRO-3 init)", 4 * min(Nt, sub_group),
                                          opt_where)]
+    # --- on-policy sampling (generation.py): unsharded copies kept between steps, KV cache while sampling
+    op = getattr(cfg, "on_policy", None)
+    if op is not None and (op.lmbda > 0 or op.seq_kd > 0):
+        if op.lmbda > 0 and op.generator == "gathered" and stage == 3:
+            states.append(Item("on-policy student copy (unsharded, generator: gathered)", s.params * e,
+                               note=f"{s.params / 1e6:.1f}M; generator: engine avoids it"))
+        if op.seq_kd > 0 and t is not None and not replicated:
+            states.append(Item("seq-KD teacher copy (unsharded)", t.params * e, note=f"{t.params / 1e6:.1f}M"))
+        gen_len = S + op.max_new_tokens
+        sampler = max([s] + ([t] if op.seq_kd > 0 and t is not None else []), key=lambda a: a.layers * a.hkv)
+        phases["on-policy sampling"] = [
+            Item("KV cache", 2 * sampler.layers * sampler.hkv * B * gen_len * e,
+                 note=f"{B} x (max_length + max_new_tokens = {gen_len}) tokens"),
+            Item("next-token logits + sampling buffers (fp32)", 4 * B * sampler.vocab_rows * 4)]
     plan = Plan(world_size=dp, micro_batch_size=B, chunk_size=c_size, max_length=S, precision=prec,
                 states=states, phases=phases)
     if role == "student":

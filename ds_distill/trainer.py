@@ -20,8 +20,8 @@ from typing import Optional
 
 import torch
 
-from . import (assembly, checkpoint, data, engines, faults, guards, lora, models, served_teacher, teacher_apart,
-               teacher_cache, teachers, vocab)
+from . import (assembly, checkpoint, data, engines, faults, generation, guards, lora, models, served_teacher,
+               teacher_apart, teacher_cache, teachers, vocab)
 from .config import DistillConfig, to_dict
 from .errors import ConfigError, DistillError, ModelError, NonFiniteError
 from .losses import HEALTH_METRICS, LossSpec
@@ -38,7 +38,8 @@ class StepSums:
 
     total / ce / kd: sums over the step's trained tokens (`tokens` of them); aux: the MoE router aux losses summed over
     the `micro_batches` forwards (all ranks), aux_coef their weight; health: losses.HEALTH_METRICS sums; global_*:
-    trained tokens, real tokens and computed token slots of the step; peak_memory_gb: the largest rank's peak."""
+    trained tokens, real tokens and computed token slots of the step; peak_memory_gb: the largest rank's peak;
+    extra: further logged values of the step (on-policy generation: generation.step_stats)."""
     total: float
     ce: float
     kd: float
@@ -51,6 +52,7 @@ class StepSums:
     global_seq_tokens: float = 0.0
     global_slots: float = 0.0
     aux_coef: float = 0.0
+    extra: dict = dataclasses.field(default_factory=dict)
 
     DEVICE = ("total", "ce", "kd", "tokens", "aux", "micro_batches")  # the device vector: these, then health
 
@@ -87,6 +89,7 @@ class Run:
     precision: str  # train.precision resolved for this device (engines.resolve_precision): fp32, bf16 or fp16
     vocab_message: str = ""
     teacher_eval_cache: Optional[evaluate.TeacherCache] = None  # filled by the first eval, reused after
+    on_policy: Optional[generation.OnPolicy] = None  # on_policy.lmbda / seq_kd > 0: a step's sampled micro-batches
 
     @property
     def teacher_engine(self):
@@ -411,6 +414,10 @@ def build(cfg: DistillConfig) -> Run:
               teacher=source, stream=stream, eval_dataset=eval_ds, loss=loss_spec, state=state,
               ckpt_root=os.path.join(cfg.output_dir, "checkpoints"), precision=precision,
               vocab_message=vocab_message)
+    run.on_policy = generation.build_on_policy(cfg, rank, tokenizer, student_engine, loss_spec.vocab_size,
+                                               dtype, teacher_engine)
+    if run.on_policy is not None:
+        run.vocab_message += "\n" + generation.describe_on_policy(cfg)
     if resume_from:
         run.vocab_message += f"\nresumed from {resume_from} at step {state.step}"
     for m in notices:
@@ -508,7 +515,7 @@ def _to_device(mb: dict, dev: torch.device) -> dict:
 
 
 def train_step(run: Run, micro_batches: list[dict], before_step=None,
-               guard: Optional[guards.StepGuard] = None) -> dict:
+               guard: Optional[guards.StepGuard] = None) -> StepSums:
     """One optimizer step over `grad_accum_steps` micro-batches; returns the step's global sums (host floats).
 
     `before_step(local_sums)` runs after the last backward and before the optimizer step, on every rank: the
@@ -520,6 +527,9 @@ def train_step(run: Run, micro_batches: list[dict], before_step=None,
     """
     eng = run.student_engine
     dev = engines.device()
+    gen_stats = None
+    if run.on_policy is not None:  # the sampled completions in place of the chosen micro-batches (generation.py)
+        micro_batches, gen_stats = run.on_policy.prepare(micro_batches, run.state.step + 1)
     payloads = run.teacher.host_side(micro_batches, run.loss.vocab_size)  # the teacher's host work (teachers.py)
     prepared = [host_prepare(mb, run.loss.vocab_size) for mb in micro_batches]
     micro_batches = [p[0] for p in prepared]
@@ -557,11 +567,16 @@ def train_step(run: Run, micro_batches: list[dict], before_step=None,
     # this rank's peak memory in its own slot: the sum over ranks gathers them, max taken on the host
     peaks = torch.zeros(run.world_size, dtype=torch.float64, device=dev)
     peaks[run.rank] = engines.local_peak_memory_gb()
-    reduced = engines.all_reduce_sum(torch.cat([sums, peaks]))
+    gen = torch.tensor(gen_stats or [], dtype=torch.float64, device=dev)  # on-policy counts (generation.STAT_KEYS)
+    reduced = engines.all_reduce_sum(torch.cat([sums, peaks, gen]))
     host = torch.cat([reduced, counts]).tolist()  # host sync: once per step (counts are global already)
     w = StepSums.width()
-    return StepSums.from_vector(host, peak_memory_gb=max(host[w:w + run.world_size]), global_tokens=host[-3],
-                                global_seq_tokens=host[-2], global_slots=host[-1], aux_coef=eng.module.aux_coef)
+    at = w + run.world_size
+    extra = generation.step_stats(dict(zip(generation.STAT_KEYS, host[at:at + len(gen_stats)])), run.world_size) \
+        if gen_stats is not None else {}
+    return StepSums.from_vector(host, peak_memory_gb=max(host[w:at]), global_tokens=host[-3],
+                                global_seq_tokens=host[-2], global_slots=host[-1], aux_coef=eng.module.aux_coef,
+                                extra=extra)
 
 
 def step_metrics(sums: StepSums, *, lr: float, grad_norm: Optional[float], seconds: float) -> dict:
@@ -583,6 +598,7 @@ def step_metrics(sums: StepSums, *, lr: float, grad_norm: Optional[float], secon
     row.update({f"kd/{k}": v / n for k, v in sums.health.items()})
     if aux is not None:
         row["loss/aux"] = aux
+    row.update(sums.extra)
     return row
 
 

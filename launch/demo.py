@@ -134,9 +134,9 @@ def _deepspeed() -> str:
 
 
 def run_config(out: Path, name: str, p: dict, *, student: Path, steps: int, lr: float, alpha: float,
-               teacher: Path | None) -> dict:
+               teacher: Path | None, on_policy: dict | None = None) -> dict:
     d = out / "data"
-    return {
+    cfg = {
         "teacher": {"path": str(teacher) if teacher else None,
                     "ds_config": str(ROOT / "ds_configs" / "teacher_zero3.json")},
         "student": {"path": str(student)},
@@ -156,6 +156,10 @@ def run_config(out: Path, name: str, p: dict, *, student: Path, steps: int, lr: 
         "overwrite_output_dir": True,
         "wandb": {"mode": "disabled"},
     }
+    if on_policy:  # the on-policy arm: reverse KL on the student's own samples, scored by the teacher (T 1)
+        cfg["on_policy"] = on_policy
+        cfg["loss"].update({"alpha": 1.0, "divergence": "reverse_kl", "temperature": 1.0})
+    return cfg
 
 
 def _watch(metrics: Path, label: str, steps: int, stop: threading.Event, t0: float) -> None:
@@ -255,8 +259,42 @@ def final_eval(out: Path, p: dict) -> dict:
     return res
 
 
-DEMO_NAMES = ("data", "tokenizer", "init", "teacher", "ce_student", "kd_student", "logs", "eval", "corpus.json",
-              "results.json", "results.md")  # everything the demo writes at the top of --out
+def on_policy_settings(p: dict, lmbda: float) -> dict:
+    return {"lmbda": lmbda, "start_step": p["student_steps"] // 4, "max_new_tokens": p["max_length"] // 4,
+            "prompt_length": p["max_length"] // 4, "temperature": 1.0}
+
+
+def own_sample_kls(out: Path, p: dict, prompts_n: int = 64) -> dict:
+    """Each student's samples (T 1, a fixed seed) for the first `prompts_n` held-out records' first max_length / 4
+    tokens, scored by the teacher: generation.own_sample_kl; plus the on-policy student's held-out perplexity."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ds_distill import data, generation
+
+    tok = AutoTokenizer.from_pretrained(out / "tokenizer")
+    ds = data.build_dataset([str(out / "data" / "eval.jsonl")], "text", tok, p["max_length"])
+    plen = p["max_length"] // 4
+    prompts = [ds[i]["input_ids"][:plen] for i in range(min(prompts_n, len(ds)))]
+    settings = generation.SamplingSettings(max_new_tokens=p["max_length"] // 4, temperature=1.0, top_p=1.0,
+                                           eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                                           vocab_size=len(tok))
+    load = lambda d: AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()  # noqa: E731
+    teacher = load(out / "teacher" / "final")
+    res = {}
+    for name, d in (("CE student", "ce_student"), ("KD student", "kd_student"), ("on-policy student", "op_student")):
+        res[name] = generation.own_sample_kl(load(out / d / "final"), teacher, prompts, settings, seed=p["seed"],
+                                             dev=torch.device("cpu"))
+    # its held-out perplexity from its own final eval (the trainer's eval equals launch/eval.py: tests/test_demo.py)
+    evals = [json.loads(line) for line in (out / "op_student" / "metrics.jsonl").read_text().splitlines()
+             if '"eval/student_ppl"' in line]
+    res["on-policy student"]["ppl"] = evals[-1]["eval/student_ppl"]
+    log("own-sample KL (teacher-scored, held-out prompts): " + ", ".join(f"{k} {v['kl']:.4f}" for k, v in res.items()))
+    return res
+
+
+DEMO_NAMES = ("data", "tokenizer", "init", "teacher", "ce_student", "kd_student", "op_student", "logs", "eval",
+              "corpus.json", "results.json", "results.md")  # everything the demo writes at the top of --out
 MARKER = ".ds_distill_demo"
 
 
@@ -287,6 +325,10 @@ def main(argv=None) -> int:
                     "initial weights use seed + 2")
     ap.add_argument("--zero_stage", type=int, default=3, choices=[0, 1, 2, 3],
                     help="students' and teacher's ZeRO stage")
+    ap.add_argument("--on_policy", type=float, default=0.0, metavar="LMBDA",
+                    help="also train an on-policy student (on_policy.lmbda LMBDA, reverse KL, off-policy warm start "
+                    "for the first quarter of the steps) and compare the teacher-scored KL on each student's own "
+                    "samples for held-out prompts")
     ap.add_argument("--reuse_teacher", action="store_true",
                     help="keep DIR's corpus and trained teacher from an earlier run (for tuning the students)")
     args = ap.parse_args(argv)
@@ -323,9 +365,15 @@ def main(argv=None) -> int:
     times["kd_student"] = train_run(out, "kd_student", "KD student", run_config(
         out, "kd_student", p, student=out / "init" / "student", steps=p["student_steps"], lr=p["student_lr"],
         alpha=p["alpha"], teacher=out / "teacher" / "final"))
+    if args.on_policy > 0:
+        times["op_student"] = train_run(out, "op_student", "on-policy student", run_config(
+            out, "op_student", p, student=out / "init" / "student", steps=p["student_steps"], lr=p["student_lr"],
+            alpha=1.0, teacher=out / "teacher" / "final",
+            on_policy=on_policy_settings(p, args.on_policy)))
     log("[4/4] held-out evaluation")
     t0 = time.time()
     res = final_eval(out, p)
+    own_kl = own_sample_kls(out, p) if args.on_policy > 0 else None
     times["eval"] = time.time() - t0
     times["total"] = time.time() - t_start
 
@@ -345,6 +393,15 @@ def main(argv=None) -> int:
     results = {"teacher_ppl": teacher_ppl, "ce_student_ppl": ce, "kd_student_ppl": kd, "student_before_ppl": before,
                "kd_beats_ce": kd < ce, "eval": res, "params": p, "corpus": corpus, "seconds": times,
                "cpu_seconds": CPU_SECONDS}
+    if own_kl is not None:
+        results["own_sample_kl"] = own_kl
+        results["on_policy_ppl"] = own_kl["on-policy student"]["ppl"]
+        table += "\n" + (f"| on-policy student ({p['student_steps']} steps, lmbda {args.on_policy}, reverse KL, "
+                          f"warm start {p['student_steps'] // 4} steps) | {own_kl['on-policy student']['ppl']:.2f} |")
+        table += ("\n\n| model | teacher-scored KL on its own samples (held-out prompts) | mean completion |"
+                  "\n|---|---|---|")
+        for name, r in own_kl.items():
+            table += f"\n| {name} | {r['kl']:.4f} | {r['completion_len']:.1f} |"
     (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
     (out / "results.md").write_text(f"# Demo results\n\n{table}\n\n{verdict}\n\nHeld-out: "
                                     f"{corpus['eval_records']} records of {corpus['held_out_files']} standard-library "

@@ -227,6 +227,13 @@ def test_plan_cli_on_qwen3_4b_to_0_6b(tmp_path, capsys):
     # ZeRO-3 shards shrink with more ranks: 2 nodes of 8 leave more room than 1
     mbs_2n, _ = suggested(plan(80, "--nodes", "2").stdout)
     assert mbs_2n >= mbs80
+    # on-policy: the gathered student copy is resident (0.596 G params x 2 bytes), the sampler's KV cache a phase
+    onp = plan(80, "--on_policy.lmbda", "0.5", "--on_policy.max_new_tokens", "256").stdout
+    assert "on-policy student copy (unsharded, generator: gathered)" in onp and "KV cache" in onp, onp
+    res = {o: float([x for x in o.splitlines() if "= resident on device" in x][0].split()[-1]) for o in (out, onp)}
+    assert abs(res[onp] - res[out] - 596_049_920 * 2 / 2 ** 30) < 0.01, res
+    engine = plan(80, "--on_policy.lmbda", "0.5", "--on_policy.generator", "engine").stdout
+    assert "on-policy student copy" not in engine and "KV cache" in engine
 
 
 @pytest.fixture(scope="module")
