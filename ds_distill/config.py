@@ -496,9 +496,18 @@ def validate_server(cfg: "DistillConfig") -> list[str]:
 
 
 def validate(cfg: DistillConfig, world_size: Optional[int] = None) -> None:
-    """Check the config's semantics in one pass; raise one ConfigError naming every bad key and its fix."""
+    """Check the config's semantics in one pass; raise one ConfigError naming every bad key and its fix (every
+    section's problems at once, as 'key: what -> fix' lines). `world_size`: the launched ranks, when known."""
+    p = (_models_and_teacher_problems(cfg) + _loss_problems(cfg) + _data_problems(cfg)
+         + _train_problems(cfg, world_size) + _checkpoint_and_eval_problems(cfg) + _lora_problems(cfg)
+         + validate_on_policy(cfg) + _path_problems(cfg))
+    if p:
+        raise ConfigError(p)
+
+
+def _models_and_teacher_problems(cfg: DistillConfig) -> list[str]:
     p: list[str] = []
-    L, T, D = cfg.loss, cfg.train, cfg.data
+    L, D = cfg.loss, cfg.data
     if cfg.student.path is None:
         p.append("student.path: required -> set it to a local Hugging Face model directory")
     if not 0.0 <= L.alpha <= 1.0:
@@ -509,15 +518,6 @@ def validate(cfg: DistillConfig, world_size: Optional[int] = None) -> None:
     p += validate_server(cfg)  # teacher.server_* (served_teacher.py)
     if cfg.teacher.path is not None and cfg.teacher.cache is not None:
         p.append("teacher.cache: set together with teacher.path -> give one of them (the cache replaces the model)")
-    if D.pack_length != 0 and D.pack_length < D.max_length:
-        p.append(f"data.pack_length: {D.pack_length} is below data.max_length ({D.max_length}) -> 0 (= 2 x "
-                 "max_length) or at least max_length")
-    if T.zero_hpz_partition_size < 1 or (T.zero_hpz_partition_size > 1 and T.zero_stage != 3):
-        p.append(f"train.zero_hpz_partition_size: {T.zero_hpz_partition_size} needs to be >= 1, and > 1 only with "
-                 "train.zero_stage: 3 -> 1 (off), or the GPUs per node with ZeRO-3")
-    if world_size is not None and T.zero_hpz_partition_size > 1 and world_size % T.zero_hpz_partition_size:
-        p.append(f"train.zero_hpz_partition_size: {T.zero_hpz_partition_size} does not divide the world size "
-                 f"({world_size}) -> use the GPUs per node")
     tc = cfg.teacher
     if tc.ranks < 1:
         p.append(f"teacher.ranks: {tc.ranks} must be >= 1 -> the number of launched ranks that run the teacher "
@@ -541,9 +541,12 @@ def validate(cfg: DistillConfig, world_size: Optional[int] = None) -> None:
     if cfg.teacher.cache is not None and D.packing:
         p.append("data.packing: true cannot be used with teacher.cache (the cache's rows are per unpacked sample) "
                  "-> set data.packing: false")
-    if T.nonfinite == "skip" and T.zero_stage == 0 and T.precision == "fp32":  # (auto: checked once resolved)
-        p.append("train.nonfinite: 'skip' needs an optimizer that discards non-finite updates; ZeRO-0 in fp32 has "
-                 "none -> use train.zero_stage >= 1, or train.nonfinite: abort")
+    return p
+
+
+def _loss_problems(cfg: DistillConfig) -> list[str]:
+    p: list[str] = []
+    L = cfg.loss
     if cfg.teacher.cache is not None and L.impl != "topk":
         p.append(f"loss.impl: '{L.impl}' cannot use teacher.cache (it holds only the top-k) -> set loss.impl: topk")
     if L.temperature <= 0:
@@ -556,6 +559,15 @@ def validate(cfg: DistillConfig, world_size: Optional[int] = None) -> None:
         p.append(f"loss.beta: {L.beta} must be in [0, 1]")
     if not 0.0 <= L.skew_lambda <= 1.0:
         p.append(f"loss.skew_lambda: {L.skew_lambda} must be in [0, 1]")
+    return p
+
+
+def _data_problems(cfg: DistillConfig) -> list[str]:
+    p: list[str] = []
+    D = cfg.data
+    if D.pack_length != 0 and D.pack_length < D.max_length:
+        p.append(f"data.pack_length: {D.pack_length} is below data.max_length ({D.max_length}) -> 0 (= 2 x "
+                 "max_length) or at least max_length")
     if not D.train_files:
         p.append("data.train_files: empty -> list at least one local json/jsonl/parquet/txt file")
     for key, files in (("data.train_files", D.train_files), ("data.eval_files", D.eval_files)):
@@ -564,6 +576,21 @@ def validate(cfg: DistillConfig, world_size: Optional[int] = None) -> None:
                 p.append(f"{key}: '{f}' does not exist -> check the path (relative paths are from the cwd)")
     if D.max_length < 2:
         p.append(f"data.max_length: {D.max_length} must be >= 2 (one input and one target token)")
+    return p
+
+
+def _train_problems(cfg: DistillConfig, world_size: Optional[int]) -> list[str]:
+    p: list[str] = []
+    T = cfg.train
+    if T.zero_hpz_partition_size < 1 or (T.zero_hpz_partition_size > 1 and T.zero_stage != 3):
+        p.append(f"train.zero_hpz_partition_size: {T.zero_hpz_partition_size} needs to be >= 1, and > 1 only with "
+                 "train.zero_stage: 3 -> 1 (off), or the GPUs per node with ZeRO-3")
+    if world_size is not None and T.zero_hpz_partition_size > 1 and world_size % T.zero_hpz_partition_size:
+        p.append(f"train.zero_hpz_partition_size: {T.zero_hpz_partition_size} does not divide the world size "
+                 f"({world_size}) -> use the GPUs per node")
+    if T.nonfinite == "skip" and T.zero_stage == 0 and T.precision == "fp32":  # (auto: checked once resolved)
+        p.append("train.nonfinite: 'skip' needs an optimizer that discards non-finite updates; ZeRO-0 in fp32 has "
+                 "none -> use train.zero_stage >= 1, or train.nonfinite: abort")
     for key, v in (("train.micro_batch_size", T.micro_batch_size), ("train.grad_accum_steps", T.grad_accum_steps),
                    ("train.max_steps", T.max_steps)):
         if v <= 0:
@@ -588,6 +615,12 @@ def validate(cfg: DistillConfig, world_size: Optional[int] = None) -> None:
         p.append(f"train.max_skipped_steps: {T.max_skipped_steps} must be >= 0")
     if T.watchdog_timeout_s < 0:
         p.append(f"train.watchdog_timeout_s: {T.watchdog_timeout_s} must be >= 0 (0 disables)")
+    return p
+
+
+def _checkpoint_and_eval_problems(cfg: DistillConfig) -> list[str]:
+    p: list[str] = []
+    D = cfg.data
     if cfg.checkpoint.every_steps < 0:
         p.append(f"checkpoint.every_steps: {cfg.checkpoint.every_steps} must be >= 0")
     if cfg.checkpoint.keep_last < 1:
@@ -615,6 +648,11 @@ def validate(cfg: DistillConfig, world_size: Optional[int] = None) -> None:
         p.append("eval.tasks.models: 'teacher' needs teacher.path -> drop it from the list or set teacher.path")
     if not E.tasks.models and (E.tasks.lm_eval_tasks or E.tasks.humaneval):
         p.append("eval.tasks.models: empty -> e.g. [student_before, student_after]")
+    return p
+
+
+def _lora_problems(cfg: DistillConfig) -> list[str]:
+    p: list[str] = []
     if cfg.student.lora.rank < 0:
         p.append(f"student.lora.rank: {cfg.student.lora.rank} must be >= 0")
     if cfg.student.lora.rank > 0:
@@ -624,7 +662,12 @@ def validate(cfg: DistillConfig, world_size: Optional[int] = None) -> None:
             p.append(f"student.lora.dropout: {cfg.student.lora.dropout} must be in [0, 1)")
         if not cfg.student.lora.target_modules:
             p.append("student.lora.target_modules: empty -> name the linear modules, e.g. [q_proj, v_proj]")
-    p += validate_on_policy(cfg)
+    return p
+
+
+def _path_problems(cfg: DistillConfig) -> list[str]:
+    """Class paths in the DeepSpeed overrides, and model / tokenizer / cache / ds_config paths that do not exist."""
+    p: list[str] = []
     for where in _class_paths(cfg.ds_config_overrides, "ds_config_overrides"):
         p.append(f"{where}: a class_path is not a DeepSpeed setting (it would name code to import) -> give plain "
                  "JSON values")
@@ -634,8 +677,7 @@ def validate(cfg: DistillConfig, world_size: Optional[int] = None) -> None:
             p.append(f"{key}: '{path}' is not a directory -> give a local model directory (no hub downloads)")
     if cfg.teacher.path is not None and not os.path.isfile(cfg.teacher.ds_config):
         p.append(f"teacher.ds_config: '{cfg.teacher.ds_config}' does not exist -> e.g. ds_configs/teacher_zero3.json")
-    if p:
-        raise ConfigError(p)
+    return p
 
 
 def validate_on_policy(cfg: DistillConfig) -> list[str]:

@@ -295,6 +295,28 @@ def build_dataset(files: list[str], fmt: str, tokenizer, max_length: int, text_f
     sample_id (int, global row index over the files in order, counted before any sample is dropped; stable for a
     given file list, so an offline teacher cache can key rows by it).
     """
+    _check_format(fmt, tokenizer, max_length)
+    paths = _expand(files)
+    if not paths:
+        raise DataError("data files: no file given -> list at least one local json/jsonl/parquet/txt file")
+    rows, origin = _load_rows(paths, fmt, text_field)
+    names = ", ".join(os.path.basename(p) for p in paths)
+    if not rows:
+        raise DataError(f"data files: no record in {names} (empty dataset) -> give files with data")
+    raw = datasets.Dataset.from_dict({k: [r.get(k, "") for r in rows] for k in list(rows[0])})
+    encoder = _Encoder(tokenizer, fmt, max_length, origin)
+    bars = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()  # one bar per rank per file set is noise in multi-rank logs
+    try:
+        tok = raw.map(encoder.tokenize, batched=True, batch_size=512, remove_columns=raw.column_names,
+                      keep_in_memory=True, load_from_cache_file=False)
+    finally:
+        if bars:
+            datasets.enable_progress_bars()
+    return _keep_trainable(tok, names, fmt, max_length, text_field)
+
+
+def _check_format(fmt: str, tokenizer, max_length: int) -> None:
     if fmt not in FORMATS:
         raise DataError(f"data.format: {fmt!r} is not one of {list(FORMATS)}")
     if max_length < 2:
@@ -305,12 +327,13 @@ def build_dataset(files: list[str], fmt: str, tokenizer, max_length: int, text_f
     if fmt == "chat" and not getattr(tokenizer, "chat_template", None):
         raise DataError("data.format: 'chat' needs a tokenizer with a chat template, and this one has none -> set "
                         "tokenizer_path to one with a template, or use data.format: instruction")
-    paths = _expand(files)
-    if not paths:
-        raise DataError("data files: no file given -> list at least one local json/jsonl/parquet/txt file")
 
+
+def _load_rows(paths: list[str], fmt: str, text_field: str) -> tuple[list[dict], list[tuple[str, int]]]:
+    """Every file's records, numbered (sample_id) over the files in order; and (path, first sample id) per file,
+    to name the file in later errors."""
     rows: list[dict] = []
-    origin: list[tuple[str, int]] = []  # (path, first global index) per file, to name the file in later errors
+    origin: list[tuple[str, int]] = []
     for path in paths:
         if fmt == "chat" and path.endswith(".txt"):
             raise DataError(f"data.format: 'chat' needs 'messages' records; {path} is plain text -> use json/jsonl/"
@@ -318,46 +341,52 @@ def build_dataset(files: list[str], fmt: str, tokenizer, max_length: int, text_f
         recs = _extract(_read_records(path, text_field), path, fmt, text_field)
         origin.append((path, len(rows)))
         rows += recs
-    names = ", ".join(os.path.basename(p) for p in paths)
-    if not rows:
-        raise DataError(f"data files: no record in {names} (empty dataset) -> give files with data")
     for i, r in enumerate(rows):
         r["sample_id"] = i
-    keys = list(rows[0])
-    raw = datasets.Dataset.from_dict({k: [r.get(k, "") for r in rows] for k in keys})
+    return rows, origin
 
-    bos = _bos_id(tokenizer)
-    eos = tokenizer.eos_token_id
 
-    def file_of(sample_id: int) -> str:
-        name = origin[0][0]
-        for p, start in origin:
+class _Encoder:
+    """Records -> (input_ids, labels) by format, truncated, each with its status (kept, empty, no_trainable,
+    too_long); `tokenize` is the datasets.map function."""
+
+    def __init__(self, tokenizer, fmt: str, max_length: int, origin: list[tuple[str, int]]):
+        self.tokenizer, self.fmt, self.max_length, self.origin = tokenizer, fmt, max_length, origin
+        self.bos, self.eos = _bos_id(tokenizer), tokenizer.eos_token_id
+
+    def _start_of(self, sample_id: int) -> int:
+        return max(start for _, start in self.origin if start <= sample_id)
+
+    def _file_of(self, sample_id: int) -> str:
+        name = self.origin[0][0]
+        for p, start in self.origin:
             if start <= sample_id:
                 name = p
         return os.path.basename(name)
 
-    def encode_pieces(batch_pieces: list[list[tuple[str, bool]]]) -> list[tuple[list[int], list[int]]]:
+    def encode_pieces(self, batch_pieces: list[list[tuple[str, bool]]]) -> list[tuple[list[int], list[int]]]:
         flat = [t for pieces in batch_pieces for t, _ in pieces]
-        ids = tokenizer(flat, add_special_tokens=False)["input_ids"] if flat else []
+        ids = self.tokenizer(flat, add_special_tokens=False)["input_ids"] if flat else []
         out, k = [], 0
         for pieces in batch_pieces:
-            inp, lab = ([bos], [IGNORE_INDEX]) if bos is not None else ([], [])
+            inp, lab = ([self.bos], [IGNORE_INDEX]) if self.bos is not None else ([], [])
             for _, trained in pieces:
                 inp += ids[k]
                 lab += ids[k] if trained else [IGNORE_INDEX] * len(ids[k])
                 k += 1
-            inp.append(eos)
-            lab.append(eos if any(t for _, t in pieces) else IGNORE_INDEX)
+            inp.append(self.eos)
+            lab.append(self.eos if any(t for _, t in pieces) else IGNORE_INDEX)
             out.append((inp, lab))
         return out
 
-    def encode_chat(messages_json: str, sample_id: int) -> tuple[list[int], list[int]]:
+    def encode_chat(self, messages_json: str, sample_id: int) -> tuple[list[int], list[int]]:
+        tokenizer = self.tokenizer
         messages = json.loads(messages_json)
         try:
             full, spans = _chat_spans(messages, tokenizer)
         except Exception as e:
-            raise DataError(f"data.format: cannot render record {sample_id - _start_of(sample_id) + 1} of "
-                            f"{file_of(sample_id)} with the tokenizer's chat template: {e}") from e
+            raise DataError(f"data.format: cannot render record {sample_id - self._start_of(sample_id) + 1} of "
+                            f"{self._file_of(sample_id)} with the tokenizer's chat template: {e}") from e
         enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=tokenizer.is_fast)
         inp = list(enc["input_ids"])
         if tokenizer.is_fast:
@@ -375,13 +404,11 @@ def build_dataset(files: list[str], fmt: str, tokenizer, max_length: int, text_f
             lab += piece if trained else [IGNORE_INDEX] * len(piece)
         return inp, lab
 
-    def _start_of(sample_id: int) -> int:
-        return max(start for _, start in origin if start <= sample_id)
-
-    def tokenize(batch: dict) -> dict:
+    def tokenize(self, batch: dict) -> dict:
+        fmt, max_length = self.fmt, self.max_length
         n = len(batch["sample_id"])
         if fmt == "chat":
-            encoded = [encode_chat(batch["messages"][j], batch["sample_id"][j]) for j in range(n)]
+            encoded = [self.encode_chat(batch["messages"][j], batch["sample_id"][j]) for j in range(n)]
         else:
             if fmt == "text":
                 pieces = [[(t, True)] if t.strip() else [] for t in batch["text"]]
@@ -392,7 +419,7 @@ def build_dataset(files: list[str], fmt: str, tokenizer, max_length: int, text_f
                           for ins, inp, o in zip(batch["instruction"], batch["input"], batch["output"])]
             else:
                 pieces = [_instruction_text_pieces(t) for t in batch["text"]]
-            encoded = encode_pieces(pieces)
+            encoded = self.encode_pieces(pieces)
         out: dict[str, list] = {"input_ids": [], "labels": [], "sample_id": [], "status": []}
         for j, (inp, lab) in enumerate(encoded):
             status = "kept"
@@ -406,14 +433,10 @@ def build_dataset(files: list[str], fmt: str, tokenizer, max_length: int, text_f
             out["status"].append(status)
         return out
 
-    bars = datasets.is_progress_bar_enabled()
-    datasets.disable_progress_bars()  # one bar per rank per file set is noise in multi-rank logs
-    try:
-        tok = raw.map(tokenize, batched=True, batch_size=512, remove_columns=raw.column_names, keep_in_memory=True,
-                      load_from_cache_file=False)
-    finally:
-        if bars:
-            datasets.enable_progress_bars()
+
+def _keep_trainable(tok: datasets.Dataset, names: str, fmt: str, max_length: int,
+                    text_field: str) -> datasets.Dataset:
+    """Drop the samples with nothing to train (logged by reason); a DataError when none is left."""
     status = tok["status"]
     counts = Counter(status)
     kept_idx = [i for i, s in enumerate(status) if s == "kept"]

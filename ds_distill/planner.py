@@ -201,6 +201,35 @@ def teacher_gather_seconds(teacher_params: int, e: int, world_size: int, gpus_pe
     return received, local / (intra_gbps * 1e9) + remote / (inter_gbps * 1e9)
 
 
+@dataclass
+class _Setup:
+    """The quantities every part of a student-side estimate shares (estimate() derives them once)."""
+    cfg: object
+    device: str
+    role: str
+    e: int  # bytes per element of the precision
+    dp: int  # data-parallel ranks of the student
+    B: int
+    S: int
+    c_size: int
+    stage: int
+    s: Arch
+    t: Optional[Arch]
+    lora_targets: list
+    N: int  # student parameters (+ adapters)
+    Nt: int  # trainable parameters
+    opt_where: str
+    replicated: bool
+
+    @property
+    def tok(self) -> int:
+        return self.B * self.S
+
+    @property
+    def mask_bytes(self) -> int:  # per layer that keeps its activations
+        return self.B * self.S * self.S * (4 if self.device == "cpu" else 1)
+
+
 def estimate(cfg, *, world_size: int, device: str = "gpu", student: Optional[Arch] = None,
              teacher: Optional[Arch] = None, micro_batch_size: Optional[int] = None,
              chunk_size: Optional[int] = None, precision: Optional[str] = None,
@@ -216,23 +245,10 @@ def estimate(cfg, *, world_size: int, device: str = "gpu", student: Optional[Arc
         return _teacher_rank_plan(cfg, world_size=world_size, device=device, teacher=teacher,
                                   micro_batch_size=micro_batch_size, precision=precision,
                                   teacher_sharding=teacher_sharding, teacher_ranks=teacher_ranks)
-    import json
-
     T = cfg.train
     prec = precision or T.precision
     if prec == "auto":
         prec = "bf16" if device == "gpu" else "fp32"
-    e = 4 if prec == "fp32" else 2
-    dp = world_size - teacher_ranks if role == "student" else world_size
-    B = micro_batch_size or T.micro_batch_size
-    c_size = chunk_size or cfg.loss.chunk_size
-    S = cfg.data.max_length
-    tok = B * S
-    stage = T.zero_stage
-    over = (cfg.ds_config_overrides or {}).get("zero_optimization", {})
-    bucket = int(over.get("reduce_bucket_size", DS_REDUCE_BUCKET))
-    reuse = int(over.get("stage3_max_reuse_distance", DS_REUSE_DISTANCE))
-    sub_group = int(over.get("sub_group_size", DS_SUB_GROUP))
     s = student or read_arch(cfg.student.path, cfg.student.trust_remote_code)
     kd = cfg.loss.alpha > 0 and (cfg.teacher.path is not None or teacher is not None)
     t = teacher if teacher is not None else (read_arch(cfg.teacher.path, cfg.teacher.trust_remote_code)
@@ -240,12 +256,38 @@ def estimate(cfg, *, world_size: int, device: str = "gpu", student: Optional[Arc
     lora = cfg.student.lora
     lora_targets = list(lora.target_modules) if lora.rank > 0 else []
     adapters = sum(lora.rank * (i + o) for name, (i, o) in s.linear_shapes.items() if name in lora_targets) * s.layers
-    N = s.params + adapters
-    Nt = adapters if lora.rank > 0 else s.params
-    opt_where = "host" if T.offload_optimizer else "device"
-    states: list[Item] = []
+    u = _Setup(cfg=cfg, device=device, role=role, e=4 if prec == "fp32" else 2,
+               dp=world_size - teacher_ranks if role == "student" else world_size,
+               B=micro_batch_size or T.micro_batch_size, S=cfg.data.max_length,
+               c_size=chunk_size or cfg.loss.chunk_size, stage=T.zero_stage, s=s, t=t, lora_targets=lora_targets,
+               N=s.params + adapters, Nt=adapters if lora.rank > 0 else s.params,
+               opt_where="host" if T.offload_optimizer else "device",
+               replicated=t is not None and teacher_sharding == "replicate")
+    states = _student_states(u) + _teacher_states(u)
+    phases = {"student forward end": _forward_end_phase(u)}
+    if t is not None and role != "student":  # on the teacher ranks when they are separate
+        phases["teacher forward"] = _teacher_forward_phase(u)
+    if u.stage == 3:
+        sub_group = int((cfg.ds_config_overrides or {}).get("zero_optimization", {}).get("sub_group_size",
+                                                                                         DS_SUB_GROUP))
+        phases["optimizer init"] = [Item("fp32 sub-group buffer (ZeRO-3 init)", 4 * min(u.Nt, sub_group),
+                                         u.opt_where)]
+    _add_on_policy(u, states, phases)
+    plan = Plan(world_size=u.dp, micro_batch_size=u.B, chunk_size=u.c_size, max_length=u.S, precision=prec,
+                states=states, phases=phases)
+    if role == "student":
+        plan.notes.append(f"teacher.placement: separate: the {u.dp} student ranks of {world_size}; the teacher's "
+                          "weights are on the teacher ranks")
+    elif cfg.teacher.offload_params and t is not None:
+        plan.notes.append(f"teacher.offload_params: every forward copies the teacher's shard host->device "
+                          f"({_ceil_div(t.params, u.dp) * u.e / GiB:.2f} GiB per rank per micro-batch over PCIe)")
+    return plan
 
-    # --- student model states
+
+def _student_states(u: _Setup) -> list[Item]:
+    """The student's model states: parameters, AdamW, master weights, gradients, the reduce bucket."""
+    e, dp, N, Nt, stage, opt_where = u.e, u.dp, u.N, u.Nt, u.stage, u.opt_where
+    states: list[Item] = []
     if stage == 3:
         states.append(Item("student params (ZeRO-3 shard)", _ceil_div(N, dp) * e, note=f"{N / 1e6:.1f}M / {dp}"))
     else:
@@ -264,41 +306,52 @@ def estimate(cfg, *, world_size: int, device: str = "gpu", student: Optional[Arc
         if stage == 0 and e != 4:
             states.append(Item("fp32 gradient accumulators (bf16 optimizer)", 4 * Nt))
     if stage in (2, 3):
-        b = bucket if device == "gpu" else min(bucket, Nt)
+        bucket = int((u.cfg.ds_config_overrides or {}).get("zero_optimization", {}).get("reduce_bucket_size",
+                                                                                        DS_REDUCE_BUCKET))
+        b = bucket if u.device == "gpu" else min(bucket, Nt)
         states.append(Item("reduce bucket", b * e, note=f"reduce_bucket_size {bucket:.0e}"))
+    return states
 
-    # --- teacher shard
-    replicated = t is not None and teacher_sharding == "replicate"
-    if t is not None and role == "student":
-        states.append(Item("teacher lm_head (whole, sent by its teacher rank)", t.lm_head_params * e,
-                           note=f"{t.lm_head_params / 1e6:.1f}M"))
-    elif replicated:
-        states.append(Item("teacher params (replicated: whole)", t.params * e, note=f"{t.params / 1e6:.1f}M"))
-    elif t is not None:
-        states.append(Item("teacher params (ZeRO-3 shard)", _ceil_div(t.params, dp) * e,
-                           "host" if cfg.teacher.offload_params else "device",
-                           f"{t.params / 1e6:.1f}M / {dp}" + (" (offloaded)" if cfg.teacher.offload_params else "")))
 
-    # --- phase: student forward end / backward start
+def _teacher_states(u: _Setup) -> list[Item]:
+    """The teacher's weights on a student-side rank: its shard, a replica, or only its head (separate ranks)."""
+    t, e = u.t, u.e
+    if t is None:
+        return []
+    if u.role == "student":
+        return [Item("teacher lm_head (whole, sent by its teacher rank)", t.lm_head_params * e,
+                     note=f"{t.lm_head_params / 1e6:.1f}M")]
+    if u.replicated:
+        return [Item("teacher params (replicated: whole)", t.params * e, note=f"{t.params / 1e6:.1f}M")]
+    offload = u.cfg.teacher.offload_params
+    return [Item("teacher params (ZeRO-3 shard)", _ceil_div(t.params, u.dp) * e, "host" if offload else "device",
+                 f"{t.params / 1e6:.1f}M / {u.dp}" + (" (offloaded)" if offload else ""))]
+
+
+def _forward_end_phase(u: _Setup) -> list[Item]:
+    """What is live when the student's forward ends and its backward starts (the peak of most runs)."""
+    cfg, s, t, e, tok, B, S = u.cfg, u.s, u.t, u.e, u.tok, u.B, u.S
+    lora = cfg.student.lora
     ph: list[Item] = []
-    if stage == 3:
-        gathered = min(N, reuse // 2 + s.layer_params + s.lm_head_params)
+    if u.stage == 3:
+        reuse = int((cfg.ds_config_overrides or {}).get("zero_optimization", {}).get("stage3_max_reuse_distance",
+                                                                                     DS_REUSE_DISTANCE))
+        gathered = min(u.N, reuse // 2 + s.layer_params + s.lm_head_params)
         ph.append(Item("gathered student weights (ZeRO-3 reuse window)", gathered * e,
                        note=f"min(N, stage3_max_reuse_distance/2 + layer + lm_head) = {gathered / 1e6:.1f}M"))
-    per_tok = s.act_per_token(lora_targets, lora.rank, lora.dropout)
+    per_tok = s.act_per_token(u.lora_targets, lora.rank, lora.dropout)
     final = 2 * s.hidden + 1
-    mask_bytes = B * S * S * (4 if device == "cpu" else 1)  # per layer that keeps its activations
     if cfg.student.activation_checkpointing:
-        acts = tok * e * (s.layers * s.hidden + per_tok + final) + mask_bytes
+        acts = tok * e * (s.layers * s.hidden + per_tok + final) + u.mask_bytes
         note = f"{s.layers} x layer inputs + 1 recomputed layer ({per_tok} el/token)"
     else:
-        acts = tok * e * (s.layers * per_tok + final) + s.layers * mask_bytes
+        acts = tok * e * (s.layers * per_tok + final) + s.layers * u.mask_bytes
         note = f"{s.layers} layers x {per_tok} el/token"
     ph.append(Item("student activations", acts + tok * 8, note=f"{note}, {B} x {S} tokens"))
     ph.append(Item("activation gradients (one layer, backward)", tok * e * (2 * s.intermediate + 2 * s.hidden)))
     # fused loss (losses._FusedLinearDistill): hidden out, two selections, grad_h + its scatter, chunk buffers
     V = min(s.vocab_rows, t.vocab_rows) if t is not None else s.vocab_rows
-    c = min(c_size, tok)
+    c = min(u.c_size, tok)
     ph.append(Item("student final hidden + loss row copies + hidden grads", tok * s.hidden * e * 5))
     chunk = c * V * 4 * (2 if t is not None else 1) + (c * V * e if e != 4 else 0)
     from ds_distill.losses import slab_rows, slab_temps
@@ -306,8 +359,8 @@ def estimate(cfg, *, world_size: int, device: str = "gpu", student: Optional[Arc
     # compiled slabs (loss.compile) allocate their own temporaries, the softcap's derivative included
     # (auto counts as on for GPUs, as if Triton were installed there)
     compiled = cfg.loss.impl == "chunked" and (cfg.loss.compile in (True, "on")
-                                               or cfg.loss.compile == "auto" and device == "gpu")
-    slab = min(slab_rows(device, V), c)
+                                               or cfg.loss.compile == "auto" and u.device == "gpu")
+    slab = min(slab_rows(u.device, V), c)
     temps = slab_temps(cfg.loss.layout, compiled) + (1 if s.softcap and not compiled else 0)
     ph.append(Item("loss chunk buffers", chunk + temps * slab * V * 4,
                    note=f"{'2' if t is not None else '1'} x {c} x {V} fp32 + {temps} x {slab} x V"))
@@ -316,49 +369,46 @@ def estimate(cfg, *, world_size: int, device: str = "gpu", student: Optional[Arc
                        + (s.vocab_rows * s.hidden * (4 + e) if e != 4 else 0)))
     if t is not None:
         ph.append(Item("teacher hidden states + row copies", tok * t.hidden * e * 3))
-        if not replicated and role != "student":
+        if not u.replicated and u.role != "student":
             ph.append(Item("teacher lm_head (gathered)", t.lm_head_params * e))
-    phases = {"student forward end": ph}
+    return ph
 
-    # --- phase: teacher forward (on the teacher ranks when they are separate)
-    if t is not None and role != "student":
-        tjs = {}
-        try:
-            with open(cfg.teacher.ds_config) as f:
-                tjs = json.load(f).get("zero_optimization", {})
-        except OSError:
-            pass
-        prefetch = int(tjs.get("stage3_prefetch_bucket_size", 5e7))
-        phases["teacher forward"] = ([] if replicated else [
-            Item("teacher gathered layer + prefetch", (t.layer_params + min(prefetch, t.params)) * e)]) + [
-            Item("teacher layer activations (no grad)",
-                 tok * e * (3 * t.intermediate + 4 * t.hq + 3 * t.hidden) + mask_bytes)]
-    if stage == 3:
-        phases["optimizer init"] = [Item("fp32 sub-group buffer (ZeRO-3 init)", 4 * min(Nt, sub_group),
-                                         opt_where)]
-    # --- on-policy sampling (generation.py): unsharded copies kept between steps, KV cache while sampling
-    op = getattr(cfg, "on_policy", None)
-    if op is not None and (op.lmbda > 0 or op.seq_kd > 0):
-        if op.lmbda > 0 and op.generator == "gathered" and stage == 3:
-            states.append(Item("on-policy student copy (unsharded, generator: gathered)", s.params * e,
-                               note=f"{s.params / 1e6:.1f}M; generator: engine avoids it"))
-        if op.seq_kd > 0 and t is not None and not replicated:
-            states.append(Item("seq-KD teacher copy (unsharded)", t.params * e, note=f"{t.params / 1e6:.1f}M"))
-        gen_len = S + op.max_new_tokens
-        sampler = max([s] + ([t] if op.seq_kd > 0 and t is not None else []), key=lambda a: a.layers * a.hkv)
-        phases["on-policy sampling"] = [
-            Item("KV cache", 2 * sampler.layers * sampler.hkv * B * gen_len * e,
-                 note=f"{B} x (max_length + max_new_tokens = {gen_len}) tokens"),
-            Item("next-token logits + sampling buffers (fp32)", 4 * B * sampler.vocab_rows * 4)]
-    plan = Plan(world_size=dp, micro_batch_size=B, chunk_size=c_size, max_length=S, precision=prec,
-                states=states, phases=phases)
-    if role == "student":
-        plan.notes.append(f"teacher.placement: separate: the {dp} student ranks of {world_size}; the teacher's "
-                          "weights are on the teacher ranks")
-    elif cfg.teacher.offload_params and t is not None:
-        plan.notes.append(f"teacher.offload_params: every forward copies the teacher's shard host->device "
-                          f"({_ceil_div(t.params, dp) * e / GiB:.2f} GiB per rank per micro-batch over PCIe)")
-    return plan
+
+def _teacher_forward_phase(u: _Setup) -> list[Item]:
+    """The teacher's forward: a gathered layer and the prefetch (ZeRO-3), its layer activations (no grad)."""
+    import json
+
+    t, e = u.t, u.e
+    tjs = {}
+    try:
+        with open(u.cfg.teacher.ds_config) as f:
+            tjs = json.load(f).get("zero_optimization", {})
+    except OSError:
+        pass
+    prefetch = int(tjs.get("stage3_prefetch_bucket_size", 5e7))
+    return ([] if u.replicated else [
+        Item("teacher gathered layer + prefetch", (t.layer_params + min(prefetch, t.params)) * e)]) + [
+        Item("teacher layer activations (no grad)",
+             u.tok * e * (3 * t.intermediate + 4 * t.hq + 3 * t.hidden) + u.mask_bytes)]
+
+
+def _add_on_policy(u: _Setup, states: list[Item], phases: dict) -> None:
+    """on-policy sampling (generation.py): unsharded copies kept between steps, the KV cache while sampling."""
+    op = getattr(u.cfg, "on_policy", None)
+    if op is None or (op.lmbda <= 0 and op.seq_kd <= 0):
+        return
+    s, t, e, B = u.s, u.t, u.e, u.B
+    if op.lmbda > 0 and op.generator == "gathered" and u.stage == 3:
+        states.append(Item("on-policy student copy (unsharded, generator: gathered)", s.params * e,
+                           note=f"{s.params / 1e6:.1f}M; generator: engine avoids it"))
+    if op.seq_kd > 0 and t is not None and not u.replicated:
+        states.append(Item("seq-KD teacher copy (unsharded)", t.params * e, note=f"{t.params / 1e6:.1f}M"))
+    gen_len = u.S + op.max_new_tokens
+    sampler = max([s] + ([t] if op.seq_kd > 0 and t is not None else []), key=lambda a: a.layers * a.hkv)
+    phases["on-policy sampling"] = [
+        Item("KV cache", 2 * sampler.layers * sampler.hkv * B * gen_len * e,
+             note=f"{B} x (max_length + max_new_tokens = {gen_len}) tokens"),
+        Item("next-token logits + sampling buffers (fp32)", 4 * B * sampler.vocab_rows * 4)]
 
 
 def _teacher_rank_plan(cfg, *, world_size: int, device: str, teacher: Optional[Arch], micro_batch_size: Optional[int],

@@ -158,12 +158,17 @@ class ServedTeacher(teachers.CachedTeacher):
     (`side` is CachedTeacher's)."""
 
     kind = "server"
+    vocab_rows = None  # no head on this side: the vocabulary is the student's (the server's is checked against it)
 
     def __init__(self, client: TeacherClient, *, model: Optional[str], top_k: int):
         self.client, self.model, self.k = client, model, top_k
         self.binary = False  # the server's manifest offers the binary answer (set by verify)
+        self.identity = ""  # what verify checked (the start-up log line)
 
     def describe(self) -> str:
+        return self.identity or self.summary()
+
+    def summary(self) -> str:
         return (f"teacher server {self.client.url} (model {self.model!r}): top-{self.k} log-probs per position, "
                 f"timeout {self.client.timeout_s:g} s, {self.client.retries} retries")
 
@@ -187,10 +192,11 @@ class ServedTeacher(teachers.CachedTeacher):
             self.model = self.model or manifest.get("model")
             self.vocab_size = manifest.get("vocab_size")
             self.binary = "binary" in (manifest.get("answer_formats") or [])
-            return (f"{self.describe()}; identity checked: tokenizer, max_length {manifest['max_length']}, "
+            self.identity = (f"{self.summary()}; identity checked: tokenizer, max_length {manifest['max_length']}, "
                     f"k <= {manifest['top_k']}, T {manifest['temperature']}, vocab {manifest.get('vocab_size')}, "
                     f"teacher {_short(manifest.get('teacher_fingerprint'))}, "
                     f"{'binary' if self.binary else 'JSON'} answers")
+            return self.identity
         # a server without the manifest (vLLM): what its API lets us check
         models = self.client.request(MODELS_PATH).get("data") or []
         if not models:
@@ -217,8 +223,10 @@ class ServedTeacher(teachers.CachedTeacher):
                             f"tokenizer as {str(ours)[:60]} (tokenizer_path)")
         if problems:
             raise DistillError(f"teacher.server_url: {url} cannot serve this run (" + "; ".join(problems) + ")")
-        return (f"{self.describe()}; no {MANIFEST_PATH} (a vLLM server?): checked max_model_len {mml}, a tokenizer "
-                "probe and T = 1; not checked: k limit (vLLM --max-logprobs), the teacher's identity")
+        self.identity = (f"{self.summary()}; no {MANIFEST_PATH} (a vLLM server?): checked max_model_len {mml}, a "
+                         "tokenizer probe and T = 1; not checked: k limit (vLLM --max-logprobs), the teacher's "
+                         "identity")
+        return self.identity
 
     def check_vocab_size(self, vocab_size: int) -> None:
         served = getattr(self, "vocab_size", None)

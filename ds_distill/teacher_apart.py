@@ -147,6 +147,9 @@ class ApartTeacher:
     def transform(self) -> HeadTransform:
         return self._transform
 
+    def check_vocab_size(self, vocab_size: int) -> None:
+        pass  # the reconciliation itself checks the received head's rows
+
     def describe(self) -> str:
         return (f"teacher head: {self.model_type} ({self._transform.describe()}" + (", bias" if self.bias is not None
                 else "") + f"), on global rank {self.src} (teacher.placement: separate, {self.meta['sharding']})")
@@ -273,112 +276,137 @@ def serve(cfg: DistillConfig, probe_positions: int = 16, probe_tolerance: float 
     """A teacher rank's whole run: load, probe and send the head, then hidden states for every micro-batch its
     students announced, QUEUE_DEPTH ahead of each; returns the exit code (0 once every student said done)."""
     pl = engines.placement()
-    rank, K, S = torch.distributed.get_rank(), pl.teacher_ranks, pl.students
-    validate(cfg, S)
-    T = cfg.train
-    precision = engines.resolve_precision(T.precision)
-    dtype = engines.torch_dtype(precision)
-    dev = engines.device()
-    where = _bridge_device(dev)
-    served = pl.students_of(rank)
-    tag = f"teacher rank {pl.global_rank} (teacher {rank}/{K}, serving student ranks {served})"
-    # the same build functions as a colocated run (assembly), over the K teacher ranks
-    assembly.check_model_dirs(cfg)
-    tokenizer = assembly.checked_tokenizer(cfg)
-    train_ds = data.build_dataset(cfg.data.train_files, cfg.data.format, tokenizer, cfg.data.max_length,
-                                  cfg.data.text_field)
-    sharding = engines.broadcast_object(assembly.teacher_sharding(cfg, dtype) if rank == 0 else None)
-    engine, _ = assembly.teacher_engine(cfg, sharding=sharding, world=K, precision=precision,
-                                        micro_batch_size=T.micro_batch_size)
-    print(f"[ds_distill] {tag}: teacher loaded ({sharding} over {K} teacher rank(s)), "
-          f"{engines.describe_device(precision)}", flush=True)
+    validate(cfg, pl.students)
+    rank = _TeacherRank(cfg, pl)
+    rank.send_head(probe_positions, probe_tolerance)
+    n, step0, streams = rank.receive_starts()
+    rank.send_hidden_states(n, step0, streams)
+    print(f"[ds_distill] {rank.tag}: done, {n} micro-batches sent to each of its students", flush=True)
+    return 0
 
-    def wait_for(s: int, what: str):
+
+class _TeacherRank:
+    """One teacher rank of teacher.placement: separate: its teacher engine (built by the same assembly functions
+    as a colocated run, over the K teacher ranks), the student ranks it serves, and the bridge to them."""
+
+    def __init__(self, cfg: DistillConfig, pl: engines.Placement):
+        self.cfg, self.pl = cfg, pl
+        self.rank, K = torch.distributed.get_rank(), pl.teacher_ranks
+        precision = engines.resolve_precision(cfg.train.precision)
+        self.dev = engines.device()
+        self.where = _bridge_device(self.dev)
+        self.served = pl.students_of(self.rank)
+        self.tag = f"teacher rank {pl.global_rank} (teacher {self.rank}/{K}, serving student ranks {self.served})"
+        assembly.check_model_dirs(cfg)
+        self.tokenizer = assembly.checked_tokenizer(cfg)
+        self.train_ds = data.build_dataset(cfg.data.train_files, cfg.data.format, self.tokenizer,
+                                           cfg.data.max_length, cfg.data.text_field)
+        self.sharding = engines.broadcast_object(
+            assembly.teacher_sharding(cfg, engines.torch_dtype(precision)) if self.rank == 0 else None)
+        self.engine, _ = assembly.teacher_engine(cfg, sharding=self.sharding, world=K, precision=precision,
+                                                 micro_batch_size=cfg.train.micro_batch_size)
+        print(f"[ds_distill] {self.tag}: teacher loaded ({self.sharding} over {K} teacher rank(s)), "
+              f"{engines.describe_device(precision)}", flush=True)
+
+    def wait_for(self, s: int, what: str):
+        """A waiter for bridge work with student `s`: a StudentLost naming it when that rank is gone."""
         def w(work):
             try:
                 work.wait()
             except RuntimeError as e:
-                raise StudentLost(f"{tag}: student rank {s} stopped while this teacher rank waited for {what} "
+                raise StudentLost(f"{self.tag}: student rank {s} stopped while this teacher rank waited for {what} "
                                   f"({_first_line(e)}) -> see that rank's error above; the teacher ranks stop "
                                   "too") from None
         return w
 
-    pack = (cfg.data.pack_length or 2 * cfg.data.max_length) if cfg.data.packing else 0
-    first = next(data.MicroBatchStream(train_ds, rank=served[0] if served else 0, world_size=S,
-                                       micro_batch_size=T.micro_batch_size, seed=T.seed,
-                                       pad_token_id=tokenizer.pad_token_id, pack_capacity=pack))
-    rel = probe_head(engine, first, probe_positions, probe_tolerance, cfg.teacher.path)
-    print(f"[ds_distill] {tag}: head probe: the fused head reproduces the teacher's own forward (largest difference "
-          f"{rel:.2g} of the largest logit)", flush=True)
+    def stream(self, student: int) -> data.MicroBatchStream:
+        """The micro-batch stream of student rank `student`, as that rank builds it."""
+        cfg, T = self.cfg, self.cfg.train
+        pack = (cfg.data.pack_length or 2 * cfg.data.max_length) if cfg.data.packing else 0
+        return data.MicroBatchStream(self.train_ds, rank=student, world_size=self.pl.students,
+                                     micro_batch_size=T.micro_batch_size, seed=T.seed,
+                                     pad_token_id=self.tokenizer.pad_token_id, pack_capacity=pack)
 
-    # the head, whole (gathered: collective over the teacher ranks), once to each served student
-    head = engine.module.head
-    with engines.gathered(head.params()):
-        weight = head.weight.detach().to(where, copy=True).contiguous()
-        bias = head.bias.detach().to(where, copy=True).contiguous() if head.bias is not None else None
-    meta = {"rows": weight.shape[0], "hidden": weight.shape[1], "dtype": str(weight.dtype).split(".")[-1],
-            "bias": bias is not None, "scale": head.transform.scale, "softcap": head.transform.softcap,
-            "model_type": getattr(engine.module.model.config, "model_type", "?"), "sharding": sharding}
-    for s in served:
-        works = _send_json(pl, meta, s, TAG_META) + [pl.send(weight, s, TAG_WEIGHT)] + (
-            [pl.send(bias, s, TAG_BIAS)] if bias is not None else [])
-        for w in works:
-            wait_for(s, "the head to arrive")(w)
-    del weight, bias
-
-    starts = {s: _recv_json(pl, s, TAG_START, wait_for(s, "its start message")) for s in served}
-    counts = {s: int(m["micro_batches"]) for s, m in starts.items()}
-    if len(set(counts.values())) > 1:
-        raise DistillError(f"{tag}: its student ranks announced different numbers of micro-batches {counts} -> "
-                           "they resumed from different checkpoints; resume all from the same one")
-    n = next(iter(counts.values()), 0)
-    step0 = int(next(iter(starts.values()))["step"]) if starts else 0
-    streams = {}
-    for s, m in starts.items():
-        streams[s] = data.MicroBatchStream(train_ds, rank=s, world_size=S, micro_batch_size=T.micro_batch_size,
-                                           seed=T.seed, pad_token_id=tokenizer.pad_token_id, pack_capacity=pack)
-        streams[s].load_state_dict(m["data_state"])
-
-    watchdog = guards.Watchdog(T.watchdog_timeout_s, pl.global_rank).start()
-    timeline = Timeline(cfg.output_dir, f"teacher_rank{pl.global_rank}")
-    pending: collections.deque = collections.deque()  # (student, works, tensors kept alive until sent)
-    try:
-        for i in range(n):
-            step = step0 + i // T.grad_accum_steps + 1
-            if i and i % T.grad_accum_steps == 0:
-                faults.after_step(step - 1, pl.global_rank)  # test fault only: kill@STEP:GLOBAL_RANK
-            for s in served:
-                mb = streams[s].__next__()
-                start_t = time.time()
-                ids = mb["input_ids"].to(dev)
-                mask = mb["attention_mask"].to(dev) if mb.get("position_ids") is None else None
-                pos = mb["position_ids"].to(dev) if mb.get("position_ids") is not None else None
-                with torch.no_grad():
-                    hidden = engine(ids, mask, pos).to(where).contiguous()  # [B, S, Ht]
-                end_t = time.time()
-                header = _header(i, mb).to(where)
-                pending.append((s, [pl.send(header, s, TAG_HEADER), pl.send(hidden, s, TAG_HIDDEN)],
-                                (header, hidden)))
-                timeline.write({"student": s, "index": step0 * T.grad_accum_steps + i, "step": step,
-                                "forward_start": start_t,
-                                "forward_end": end_t})
-                while len(pending) > QUEUE_DEPTH * len(served):  # bounded: wait for the oldest send
-                    s_old, works, _ = pending.popleft()
-                    for w in works:
-                        wait_for(s_old, "a micro-batch to be received")(w)
-            watchdog.beat(f"teacher micro-batch {i}")
-        while pending:
-            s_old, works, _ = pending.popleft()
+    def send_head(self, probe_positions: int, probe_tolerance: float) -> None:
+        """Probe the teacher's head against its own forward, then send it whole (gathered: collective over the
+        teacher ranks) once to each served student, with its shape, dtype and transform."""
+        pl, engine, where = self.pl, self.engine, self.where
+        first = next(self.stream(self.served[0] if self.served else 0))
+        rel = probe_head(engine, first, probe_positions, probe_tolerance, self.cfg.teacher.path)
+        print(f"[ds_distill] {self.tag}: head probe: the fused head reproduces the teacher's own forward (largest "
+              f"difference {rel:.2g} of the largest logit)", flush=True)
+        head = engine.module.head
+        with engines.gathered(head.params()):
+            weight = head.weight.detach().to(where, copy=True).contiguous()
+            bias = head.bias.detach().to(where, copy=True).contiguous() if head.bias is not None else None
+        meta = {"rows": weight.shape[0], "hidden": weight.shape[1], "dtype": str(weight.dtype).split(".")[-1],
+                "bias": bias is not None, "scale": head.transform.scale, "softcap": head.transform.softcap,
+                "model_type": getattr(engine.module.model.config, "model_type", "?"), "sharding": self.sharding}
+        for s in self.served:
+            works = _send_json(pl, meta, s, TAG_META) + [pl.send(weight, s, TAG_WEIGHT)] + (
+                [pl.send(bias, s, TAG_BIAS)] if bias is not None else [])
             for w in works:
-                wait_for(s_old, "a micro-batch to be received")(w)
-        # the students' end (engines.shutdown): after their export, evaluation and report, which may take long
-        # (no watchdog here: a student that hangs is ended by its own watchdog, which closes its connection)
-        watchdog.stop()
-        done = {s: (pl.recv(torch.zeros(1, dtype=torch.int64, device=where), s, pl.DONE_TAG)) for s in served}
-        for s, w in done.items():
-            wait_for(s, "its end of the run")(w)  # raises StudentLost when it died instead
-    finally:
-        watchdog.stop()
-        timeline.close()
-    print(f"[ds_distill] {tag}: done, {n} micro-batches sent to each of its students", flush=True)
-    return 0
+                self.wait_for(s, "the head to arrive")(w)
+
+    def receive_starts(self) -> tuple[int, int, dict]:
+        """Each served student's start message: (micro-batches to send each, the step it resumed at, its stream
+        positioned where it is)."""
+        starts = {s: _recv_json(self.pl, s, TAG_START, self.wait_for(s, "its start message")) for s in self.served}
+        counts = {s: int(m["micro_batches"]) for s, m in starts.items()}
+        if len(set(counts.values())) > 1:
+            raise DistillError(f"{self.tag}: its student ranks announced different numbers of micro-batches "
+                               f"{counts} -> they resumed from different checkpoints; resume all from the same one")
+        n = next(iter(counts.values()), 0)
+        step0 = int(next(iter(starts.values()))["step"]) if starts else 0
+        streams = {}
+        for s, m in starts.items():
+            streams[s] = self.stream(s)
+            streams[s].load_state_dict(m["data_state"])
+        return n, step0, streams
+
+    def send_hidden_states(self, n: int, step0: int, streams: dict) -> None:
+        """The teacher's final hidden states for n micro-batches of each student, with a header each, up to
+        QUEUE_DEPTH in flight per student; then wait for every student's end of run (engines.shutdown)."""
+        pl, dev, where, T = self.pl, self.dev, self.where, self.cfg.train
+        watchdog = guards.Watchdog(T.watchdog_timeout_s, pl.global_rank).start()
+        timeline = Timeline(self.cfg.output_dir, f"teacher_rank{pl.global_rank}")
+        pending: collections.deque = collections.deque()  # (student, works, tensors kept alive until sent)
+
+        def settle(limit: int) -> None:  # wait for the oldest sends until at most `limit` are in flight
+            while len(pending) > limit:
+                s_old, works, _ = pending.popleft()
+                for w in works:
+                    self.wait_for(s_old, "a micro-batch to be received")(w)
+
+        try:
+            for i in range(n):
+                step = step0 + i // T.grad_accum_steps + 1
+                if i and i % T.grad_accum_steps == 0:
+                    faults.after_step(step - 1, pl.global_rank)  # test fault only: kill@STEP:GLOBAL_RANK
+                for s in self.served:
+                    mb = streams[s].__next__()
+                    start_t = time.time()
+                    ids = mb["input_ids"].to(dev)
+                    mask = mb["attention_mask"].to(dev) if mb.get("position_ids") is None else None
+                    pos = mb["position_ids"].to(dev) if mb.get("position_ids") is not None else None
+                    with torch.no_grad():
+                        hidden = self.engine(ids, mask, pos).to(where).contiguous()  # [B, S, Ht]
+                    end_t = time.time()
+                    header = _header(i, mb).to(where)
+                    pending.append((s, [pl.send(header, s, TAG_HEADER), pl.send(hidden, s, TAG_HIDDEN)],
+                                    (header, hidden)))
+                    timeline.write({"student": s, "index": step0 * T.grad_accum_steps + i, "step": step,
+                                    "forward_start": start_t, "forward_end": end_t})
+                    settle(QUEUE_DEPTH * len(self.served))  # bounded
+                watchdog.beat(f"teacher micro-batch {i}")
+            settle(0)
+            # the students' end (engines.shutdown): after their export, evaluation and report, which may take long
+            # (no watchdog here: a student that hangs is ended by its own watchdog, which closes its connection)
+            watchdog.stop()
+            done = {s: (pl.recv(torch.zeros(1, dtype=torch.int64, device=where), s, pl.DONE_TAG))
+                    for s in self.served}
+            for s, w in done.items():
+                self.wait_for(s, "its end of the run")(w)  # raises StudentLost when it died instead
+        finally:
+            watchdog.stop()
+            timeline.close()

@@ -19,8 +19,10 @@ Kinds (the `KINDS` registry names the module that provides each):
 - `server`: a served teacher (teacher.server_url) answering with top-k log-probs: `served_teacher.ServedTeacher`
   (registered in `KINDS` when that module is imported).
 
-A new kind (generated completions scored by the teacher, a teacher on its own ranks, a served teacher) is a new
-class with these three members, plus a config value that `trainer.build` maps to it; the step does not change.
+- `separate`: the teacher on its own ranks (teacher.placement: separate): `teacher_apart.ApartTeacher`.
+
+A new kind is a new class with these members, plus a config value that trainer.checked_teacher_without_model or
+trainer.teacher_model_source maps to it; the step does not change.
 """
 from __future__ import annotations
 
@@ -43,6 +45,7 @@ def check_topk_ids(ids: torch.Tensor, vocab_size: int, key: str, fix: str) -> No
 
 class TeacherSource(Protocol):
     kind: str
+    vocab_rows: Optional[int]  # the teacher head's rows, for the vocabulary reconciliation (None: no teacher head)
 
     @property
     def transform(self) -> HeadTransform:
@@ -56,12 +59,25 @@ class TeacherSource(Protocol):
         """Context manager yielding the student forward's teacher keyword arguments for `batch` (on `dev`;
         `batch["model_mask"]` / `batch.get("position_ids")`: the masks the models get)."""
 
+    def check_vocab_size(self, vocab_size: int) -> None:
+        """Refuse (DistillError) a teacher whose rows do not fit the run's reconciled vocabulary."""
+
+    def describe(self) -> str:
+        """A line for the start-up log ('' for none)."""
+
 
 class NoTeacher:
     """loss.alpha 0: CE only; the loss gets no teacher argument."""
 
     kind = "none"
     transform = IDENTITY
+    vocab_rows = None
+
+    def check_vocab_size(self, vocab_size: int) -> None:
+        pass
+
+    def describe(self) -> str:
+        return ""
 
     def host_side(self, micro_batches: list[dict], vocab_size: int) -> list[Optional[object]]:
         return [None] * len(micro_batches)
@@ -78,8 +94,16 @@ class EngineTeacher:
 
     kind = "engine"
 
-    def __init__(self, engine, sharding: str):
-        self.engine, self.sharding = engine, sharding
+    def __init__(self, engine, sharding: str, vocab_rows: int):
+        self.engine, self.sharding, self.vocab_rows = engine, sharding, vocab_rows
+
+    def check_vocab_size(self, vocab_size: int) -> None:
+        pass  # the reconciliation itself checks the loaded head's rows
+
+    def describe(self) -> str:
+        h = self.head
+        model_type = getattr(getattr(self.engine.module.model, "config", None), "model_type", "?")
+        return f"teacher head: {model_type} ({h.transform.describe()}" + (", bias" if h.bias is not None else "") + ")"
 
     @property
     def head(self):
@@ -110,6 +134,13 @@ class CachedTeacher:
 
     def __init__(self, cache):
         self.cache = cache
+        self.vocab_rows = int(cache.manifest["teacher_vocab_rows"])
+
+    def check_vocab_size(self, vocab_size: int) -> None:
+        self.cache.check_vocab_size(vocab_size)
+
+    def describe(self) -> str:
+        return self.cache.describe()
 
     def host_side(self, micro_batches: list[dict], vocab_size: int) -> list[Optional[object]]:
         out = []
@@ -127,5 +158,5 @@ class CachedTeacher:
         yield {"teacher_topk": (ids, lps)}
 
 
-# kind -> the class that implements it (documentation and the README's list; trainer.build picks by config)
+# kind -> the class that implements it (documentation and the README's list; the trainer builds them by config)
 KINDS = {"none": NoTeacher, "engine": EngineTeacher, "cache": CachedTeacher}

@@ -289,6 +289,42 @@ def build_student(cfg: DistillConfig, *, rank: int, world: int, precision: str):
     return student_engine, student
 
 
+def checked_teacher_without_model(cfg: DistillConfig, rank: int, tokenizer, train_ds):
+    """The teacher source that needs no model on the training ranks (teacher.cache: an offline top-k cache;
+    teacher.server_url: a served teacher), checked against this run's tokenizer and data; None otherwise."""
+    if cfg.loss.alpha == 0:
+        return teachers.NoTeacher()
+    if cfg.teacher.cache:
+        topk_cache = teacher_cache.TopKCache(cfg.teacher.cache)
+        topk_cache.verify(tokenizer_fp=teacher_cache.tokenizer_fingerprint(tokenizer),
+                          data_fp=teacher_cache.data_fingerprint(train_ds), max_length=cfg.data.max_length,
+                          top_k=cfg.loss.top_k, temperature=cfg.loss.temperature)
+        return teachers.CachedTeacher(topk_cache)
+    if cfg.teacher.server_url:
+        served = served_teacher.build(cfg, rank)
+        served.verify(tokenizer=tokenizer, tokenizer_fp=teacher_cache.tokenizer_fingerprint(tokenizer),
+                      max_length=cfg.data.max_length, temperature=cfg.loss.temperature)
+        return served
+    return None
+
+
+def teacher_model_source(cfg: DistillConfig, *, rank: int, world: int, precision: str) -> teachers.TeacherSource:
+    """The teacher model's source: on its own ranks (teacher.placement: separate: its head arrives from there), or
+    on these ranks as a ZeRO-3 inference engine with its own DeepSpeed config or a replica (teacher.sharding)."""
+    if cfg.teacher.placement == "separate":
+        return teacher_apart.connect_student(cfg, rank)
+    if not cfg.teacher.path:
+        return teachers.NoTeacher()
+    # one decision for all ranks (GPUs of different sizes must not give ranks different teacher layouts)
+    dtype = engines.torch_dtype(precision)
+    sharding = engines.broadcast_object(assembly.teacher_sharding(cfg, dtype) if rank == 0 else None)
+    if rank == 0:
+        print(f"[ds_distill] teacher: {sharding} (teacher.sharding: {cfg.teacher.sharding})", flush=True)
+    engine, rows = assembly.teacher_engine(cfg, sharding=sharding, world=world, precision=precision,
+                                           micro_batch_size=cfg.train.micro_batch_size)
+    return teachers.EngineTeacher(engine, sharding, rows)
+
+
 def build(cfg: DistillConfig) -> Run:
     """The training recipe's assembly: process group, checks, data, engines, teacher source, resume state."""
     rank, world = assembly.start(cfg)
@@ -313,60 +349,15 @@ def build(cfg: DistillConfig) -> Run:
         raise data.DataError(f"data.train_files: {len(train_ds)} usable training samples cannot feed {world} ranks "
                              "-> add data or use fewer ranks")
 
-    # --- offline teacher: checked against this run's tokenizer and data before any model loads
-    topk_cache = None
-    if cfg.teacher.cache and cfg.loss.alpha > 0:
-        topk_cache = teacher_cache.TopKCache(cfg.teacher.cache)
-        topk_cache.verify(tokenizer_fp=teacher_cache.tokenizer_fingerprint(tokenizer),
-                          data_fp=teacher_cache.data_fingerprint(train_ds), max_length=cfg.data.max_length,
-                          top_k=cfg.loss.top_k, temperature=cfg.loss.temperature)
-    # --- served teacher: its identity checked against this run's tokenizer before any model loads
-    served = None
-    if cfg.teacher.server_url and cfg.loss.alpha > 0:
-        served = served_teacher.build(cfg, rank)
-        served_message = served.verify(tokenizer=tokenizer,
-                                       tokenizer_fp=teacher_cache.tokenizer_fingerprint(tokenizer),
-                                       max_length=cfg.data.max_length, temperature=cfg.loss.temperature)
-
+    # --- a teacher without a model here (offline cache, server): checked before any model loads
+    source = checked_teacher_without_model(cfg, rank, tokenizer, train_ds)
     student_engine, student = build_student(cfg, rank=rank, world=world, precision=precision)
-
-    # --- teacher: ZeRO-3 inference engine with its own DeepSpeed config
-    teacher_engine = None
-    teacher_rows = None
-    apart = None  # teacher.placement: separate: the teacher's head arrives from its rank
-    if cfg.teacher.placement == "separate" and cfg.loss.alpha > 0:
-        apart = teacher_apart.connect_student(cfg, rank)
-        teacher_rows = apart.vocab_rows
-    elif cfg.teacher.path and cfg.loss.alpha > 0:
-        # one decision for all ranks (GPUs of different sizes must not give ranks different teacher layouts)
-        sharding = engines.broadcast_object(assembly.teacher_sharding(cfg, dtype) if rank == 0 else None)
-        if rank == 0:
-            print(f"[ds_distill] teacher: {sharding} (teacher.sharding: {cfg.teacher.sharding})", flush=True)
-
-        teacher_engine, teacher_rows = assembly.teacher_engine(cfg, sharding=sharding, world=world,
-                                                               precision=precision,
-                                                               micro_batch_size=T.micro_batch_size)
-    if topk_cache is not None:
-        teacher_rows = int(topk_cache.manifest["teacher_vocab_rows"])
-    vocab_size, vocab_message = vocab.reconcile_vocab(teacher_rows or models.vocab_rows(student),
+    if source is None:  # the teacher model: on these ranks (ZeRO-3 / replica), on its own ranks, or none
+        source = teacher_model_source(cfg, rank=rank, world=world, precision=precision)
+    vocab_size, vocab_message = vocab.reconcile_vocab(source.vocab_rows or models.vocab_rows(student),
                                                       models.vocab_rows(student), len(tokenizer))
     check_top_k(cfg, vocab_size)
-    if topk_cache is not None:
-        topk_cache.check_vocab_size(vocab_size)
-        vocab_message += "\n" + topk_cache.describe()
-
-    if served is not None:
-        served.check_vocab_size(vocab_size)
-        vocab_message += "\n" + served_message
-        source = served
-    elif topk_cache is not None:
-        source = teachers.CachedTeacher(topk_cache)
-    elif apart is not None:
-        source = apart
-    elif teacher_engine is not None:
-        source = teachers.EngineTeacher(teacher_engine, sharding)
-    else:
-        source = teachers.NoTeacher()
+    source.check_vocab_size(vocab_size)
     L = cfg.loss
     loss_spec = LossSpec(vocab_size=vocab_size, alpha=L.alpha, temperature=L.temperature, divergence=L.divergence,
                          beta=L.beta, skew_lambda=L.skew_lambda, impl=L.impl, chunk_size=L.chunk_size,
@@ -376,12 +367,8 @@ def build(cfg: DistillConfig) -> Run:
     vocab_message += (f"\nstudent head: {_model_type(student)} ({wrapper_s.transform.describe()}"
                       + (", bias" if wrapper_s.head.bias is not None else "") + ")"
                       + (f"; MoE router aux loss x {wrapper_s.aux_coef:g}" if wrapper_s.moe_aux is not None else ""))
-    if teacher_engine is not None:
-        t_head = teacher_engine.module.head
-        vocab_message += (f"\nteacher head: {_model_type(teacher_engine.module.model)} ({t_head.transform.describe()}"
-                          + (", bias" if t_head.bias is not None else "") + ")")
-    if apart is not None:
-        vocab_message += "\n" + apart.describe()
+    if source.describe():
+        vocab_message += "\n" + source.describe()
 
     compiled, compile_message = compiled_loss(
         cfg, {**loss_spec.kwargs(), "student_transform": wrapper_s.transform}, engines.device())
@@ -405,8 +392,8 @@ def build(cfg: DistillConfig) -> Run:
                                    if cfg.data.packing else 0)
     if state.data_state:
         stream.load_state_dict(state.data_state)  # same seed, rows and world size, or a DataError
-    if apart is not None:  # the teacher ranks read the same rows from here on
-        apart.start(stream.state_dict(), state.step, max(0, T.max_steps - state.step) * T.grad_accum_steps,
+    if isinstance(source, teacher_apart.ApartTeacher):  # the teacher ranks read the same rows from here on
+        source.start(stream.state_dict(), state.step, max(0, T.max_steps - state.step) * T.grad_accum_steps,
                     T.grad_accum_steps)
     state.extra["run"] = run_identity(cfg)
     state.extra["schedule"] = schedule_settings(cfg)
@@ -415,7 +402,7 @@ def build(cfg: DistillConfig) -> Run:
               ckpt_root=os.path.join(cfg.output_dir, "checkpoints"), precision=precision,
               vocab_message=vocab_message)
     run.on_policy = generation.build_on_policy(cfg, rank, tokenizer, student_engine, loss_spec.vocab_size,
-                                               dtype, teacher_engine)
+                                               dtype, run.teacher_engine)
     if run.on_policy is not None:
         run.vocab_message += "\n" + generation.describe_on_policy(cfg)
     if resume_from:
