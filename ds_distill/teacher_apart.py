@@ -41,7 +41,7 @@ from typing import Iterator, Optional
 
 import torch
 
-from . import assembly, data, engines, faults, guards, planner
+from . import assembly, data, engines, faults, guards, planner, teachers
 from .config import DistillConfig, validate
 from .errors import DistillError
 from .heads import HeadTransform
@@ -209,6 +209,8 @@ class ApartTeacher:
         self.timeline.write({"index": self._step0 * self._accum + self.index - 1, "step": step,
                              "wait_start": t0, "received": received,
                              "wait_s": received - t0, "forward_end": time.time()})
+
+teachers.KINDS["separate"] = ApartTeacher
 
 
 def connect_student(cfg: DistillConfig, rank: int) -> ApartTeacher:

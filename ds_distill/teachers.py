@@ -18,8 +18,8 @@ Kinds (the `KINDS` registry names the module that provides each):
 - `none`: CE only (loss.alpha 0): `NoTeacher`.
 - `server`: a served teacher (teacher.server_url) answering with top-k log-probs: `served_teacher.ServedTeacher`
   (registered in `KINDS` when that module is imported).
-
-- `separate`: the teacher on its own ranks (teacher.placement: separate): `teacher_apart.ApartTeacher`.
+- `separate`: the teacher on its own ranks (teacher.placement: separate): `teacher_apart.ApartTeacher` (registered
+  there likewise).
 
 A new kind is a new class with these members, plus a config value that trainer.checked_teacher_without_model or
 trainer.teacher_model_source maps to it; the step does not change.
