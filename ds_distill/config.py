@@ -698,7 +698,7 @@ def validate_on_policy(cfg: DistillConfig) -> list[str]:
         p.append(f"on_policy.top_p: {op.top_p} must be in (0, 1] (1.0 = no nucleus filtering)")
     if op.prompt_length < 1:
         p.append(f"on_policy.prompt_length: {op.prompt_length} must be >= 1")
-    elif op.prompt_length >= cfg.data.max_length:
+    elif op.prompt_length >= cfg.data.max_length and (op.lmbda > 0 or op.seq_kd > 0):  # only used when on
         p.append(f"on_policy.prompt_length: {op.prompt_length} must be below data.max_length ({cfg.data.max_length})")
     if op.start_step < 0:
         p.append(f"on_policy.start_step: {op.start_step} must be >= 0")

@@ -118,11 +118,29 @@ class Placement:
                       self.teacher_of(self.global_rank), self.DONE_TAG).wait()
 
     def send(self, tensor: torch.Tensor, dst: int, tag: int):
-        """Asynchronous point-to-point send over the bridge (global ranks); returns the work to wait on."""
-        return self.bridge.send([tensor], dst, tag)
+        """Asynchronous point-to-point send over the bridge (global ranks); returns the work to wait on. A peer
+        already gone can fail the posting itself: that error is raised by the work's wait(), like a failure that
+        comes later, so that one handler (the caller's, naming the peer) sees both."""
+        try:
+            return self.bridge.send([tensor], dst, tag)
+        except RuntimeError as e:
+            return _FailedWork(e)
 
     def recv(self, tensor: torch.Tensor, src: int, tag: int):
-        return self.bridge.recv([tensor], src, tag)
+        try:
+            return self.bridge.recv([tensor], src, tag)
+        except RuntimeError as e:
+            return _FailedWork(e)
+
+
+class _FailedWork:
+    """A bridge transfer whose posting failed: wait() raises that error."""
+
+    def __init__(self, error: RuntimeError):
+        self.error = error
+
+    def wait(self):
+        raise self.error
 
 
 _PLACEMENT: Optional[Placement] = None
@@ -724,21 +742,22 @@ def is_peer_failure(e: BaseException) -> bool:
         "NCCL communicator was aborted", "ProcessGroupGloo", "ProcessGroupNCCL"))
 
 
-def shutdown(failed: bool = False) -> None:
-    """End the process group. A clean end waits in a barrier first (without it teardown aborts about 1 run in 12,
-    NOTES.md); after an error there is no barrier: a peer may be dead or waiting in another collective, and this
-    rank must exit (and print) now, not when the process-group timeout fires."""
+def shutdown(failed: bool = False, group_intact: bool = False) -> None:
+    """End the process group. A clean end waits in a barrier first (without it gloo's teardown aborts about 1 run in
+    12, NOTES.md). After an error that every rank raised together (`group_intact`: DistillError.shared, decided by a
+    collective) every rank is here too, so the same barrier ends it cleanly. After any other error there is no
+    barrier: a peer may be dead or waiting in another collective, and this rank must exit (and print) now, not when
+    the process-group timeout fires; on gloo the group is then left to the process's end (errors.exit_process skips the
+    interpreter's teardown, whose destructors can abort with 'terminate called without an active exception')."""
     if not dist.is_initialized():
         return
     if _PLACEMENT is not None and not failed:
         _PLACEMENT.say_done()
-    if failed:
+    if failed and not group_intact:
         abort = getattr(dist.distributed_c10d, "_abort_process_group", None)
         try:
             if abort is not None and dist.get_backend() == "nccl":
                 abort()  # NCCL's destroy may wait for the collectives in flight
-            else:
-                dist.destroy_process_group()
         except Exception:  # noqa: BLE001 -- the process exits next; teardown errors must not mask the real one
             pass
         return

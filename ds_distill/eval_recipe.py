@@ -228,6 +228,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     engines, rank, world, device = _start(args)
     failed = True  # no closing barrier after an error (a peer may be dead or in another collective)
+    intact = False  # an error every rank raised together: the group can still end cleanly
     try:
         t0 = time.time()
         precision = args.dtype if args.dtype != "auto" else ("fp32" if device.type == "cpu" else "bf16")
@@ -253,8 +254,9 @@ def main(argv=None) -> int:
         failed = False
         return 0
     except DistillError as e:
+        intact = e.shared
         print(f"[ds_distill] error (rank {rank}): {e}", file=sys.stderr, flush=True)
         return 2
     finally:
         if engines is not None:
-            engines.shutdown(failed=failed)
+            engines.shutdown(failed=failed, group_intact=intact)

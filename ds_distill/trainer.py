@@ -460,13 +460,15 @@ def probe_heads(run: Run, mb: dict) -> dict:
     for (role, path, model, head), (rel, absolute) in zip(named, worst.tolist()):
         out[role] = rel
         if not rel <= tol:  # also catches NaN
-            raise ModelError(
+            err = ModelError(
                 f"{role}.path '{path}' (model_type '{_model_type(model)}'): the model's own forward gives other "
                 f"logits than the fused head (lm_head{', bias' if head.bias is not None else ''}, transform "
                 f"{head.transform.describe()}): largest difference {absolute:.4g} = "
                 f"{rel:.3g} of the largest logit (tolerance {tol:g}) -> its forward does something ds_distill's "
                 "head table (ds_distill/heads.py FAMILIES) does not know (a trust_remote_code or patched model, a "
                 "new family): add its logit transform there (README: 'Model families'), or use a supported model")
+            err.shared = True  # decided by one all-reduce: every rank raises it
+            raise err
     return out
 
 

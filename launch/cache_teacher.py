@@ -18,7 +18,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
 from ds_distill.config import parse_config  # noqa: E402
-from ds_distill.errors import DistillError  # noqa: E402
+from ds_distill.errors import DistillError, run_main  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -38,6 +38,7 @@ def main(argv=None) -> int:
     from ds_distill import cache_writer, engines  # deepspeed is imported only once the arguments parse
 
     failed = True  # no closing barrier after an error: a peer may be dead or in another collective
+    intact = False  # an error every rank raised together: the group can still end cleanly
     try:
         cfg = parse_config(rest)
         cache_writer.write_cache(cfg, args.cache_dir, top_k=args.top_k or cfg.loss.top_k, dtype=args.dtype,
@@ -45,11 +46,12 @@ def main(argv=None) -> int:
         failed = False
         return 0
     except DistillError as e:
+        intact = e.shared
         print(f"[ds_distill] error (rank {os.environ.get('RANK', '0')}): {e}", file=sys.stderr, flush=True)
         return 2
     finally:
-        engines.shutdown(failed=failed)
+        engines.shutdown(failed=failed, group_intact=intact)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

@@ -165,6 +165,13 @@ def test_on_policy_config_errors_name_the_key(tiny_assets, tmp_path):
         validate(parse_config(["--config", write_yaml(cfg, tmp_path / "c2.yaml")]))
     cfg = tiny_config(tiny_assets, tmp_path / "o", on_policy={"lmbda": 0.0, "max_new_tokens": 7})
     validate(parse_config(["--config", write_yaml(cfg, tmp_path / "c3.yaml")]))  # off: nothing else required
+    # off: the default prompt_length (32) may exceed a short data.max_length, and the teacher may be any source
+    cfg = tiny_config(tiny_assets, tmp_path / "o", data={"max_length": 16})
+    validate(parse_config(["--config", write_yaml(cfg, tmp_path / "c4.yaml")]))
+    cfg = tiny_config(tiny_assets, tmp_path / "o", on_policy={"lmbda": 0.5},
+                      teacher={"placement": "separate"})
+    with pytest.raises(ConfigError, match="on_policy.lmbda: > 0 cannot be used with teacher.placement: separate"):
+        validate(parse_config(["--config", write_yaml(cfg, tmp_path / "c5.yaml")]))
 
 
 # ----------------------------------------------------------------------------------------------------------------

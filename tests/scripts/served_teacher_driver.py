@@ -24,7 +24,7 @@ sys.path.insert(0, ROOT)
 
 import yaml  # noqa: E402
 
-from ds_distill import engines, teacher_cache, trainer  # noqa: E402
+from ds_distill import cache_writer, engines, trainer  # noqa: E402
 from ds_distill.config import parse_config  # noqa: E402
 from ds_distill.errors import DistillError  # noqa: E402
 
@@ -57,8 +57,8 @@ def main():
     try:
         for name, c in spec.get("caches", {}).items():
             path = _yaml(c["config"])
-            teacher_cache.write_cache(parse_config(["--config", path]), c["cache_dir"], top_k=c["top_k"],
-                                      dtype=c["dtype"])
+            cache_writer.write_cache(parse_config(["--config", path]), c["cache_dir"], top_k=c["top_k"],
+                                     dtype=c["dtype"])
             out["caches"][name] = True
         for r in spec.get("runs", []):
             if r.get("wait_for"):
