@@ -259,12 +259,12 @@ def final_eval(out: Path, p: dict) -> dict:
     return res
 
 
-def on_policy_settings(p: dict, lmbda: float) -> dict:
-    return {"lmbda": lmbda, "start_step": p["student_steps"] // 4, "max_new_tokens": p["max_length"] // 4,
+def on_policy_settings(p: dict, lmbda: float, start_step: int) -> dict:
+    return {"lmbda": lmbda, "start_step": start_step, "max_new_tokens": p["max_length"] // 4,
             "prompt_length": p["max_length"] // 4, "temperature": 1.0}
 
 
-def own_sample_kls(out: Path, p: dict, prompts_n: int = 64) -> dict:
+def own_sample_kls(out: Path, p: dict, students: list[tuple[str, str]], prompts_n: int = 64) -> dict:
     """Each student's samples (T 1, a fixed seed) for the first `prompts_n` held-out records' first max_length / 4
     tokens, scored by the teacher: generation.own_sample_kl; plus the on-policy student's held-out perplexity."""
     import torch
@@ -282,19 +282,25 @@ def own_sample_kls(out: Path, p: dict, prompts_n: int = 64) -> dict:
     load = lambda d: AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()  # noqa: E731
     teacher = load(out / "teacher" / "final")
     res = {}
-    for name, d in (("CE student", "ce_student"), ("KD student", "kd_student"), ("on-policy student", "op_student")):
+    for name, d in students:
         res[name] = generation.own_sample_kl(load(out / d / "final"), teacher, prompts, settings, seed=p["seed"],
                                              dev=torch.device("cpu"))
     # its held-out perplexity from its own final eval (the trainer's eval equals launch/eval.py: tests/test_demo.py)
-    evals = [json.loads(line) for line in (out / "op_student" / "metrics.jsonl").read_text().splitlines()
-             if '"eval/student_ppl"' in line]
-    res["on-policy student"]["ppl"] = evals[-1]["eval/student_ppl"]
+    res["on-policy student"]["ppl"] = _final_ppl(out / "op_student")
     log("own-sample KL (teacher-scored, held-out prompts): " + ", ".join(f"{k} {v['kl']:.4f}" for k, v in res.items()))
     return res
 
 
-DEMO_NAMES = ("data", "tokenizer", "init", "teacher", "ce_student", "kd_student", "op_student", "logs", "eval",
-              "corpus.json", "results.json", "results.md")  # everything the demo writes at the top of --out
+def _final_ppl(run_dir: Path) -> float:
+    """A run's held-out perplexity from its own final eval row (the trainer's eval equals launch/eval.py)."""
+    evals = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+             if '"eval/student_ppl"' in line]
+    return evals[-1]["eval/student_ppl"]
+
+
+# everything the demo writes at the top of --out
+DEMO_NAMES = ("data", "tokenizer", "init", "teacher", "ce_student", "kd_student", "op_student", "kd_continued",
+              "logs", "eval", "corpus.json", "results.json", "results.md")
 MARKER = ".ds_distill_demo"
 
 
@@ -329,6 +335,11 @@ def main(argv=None) -> int:
                     help="also train an on-policy student (on_policy.lmbda LMBDA, reverse KL, off-policy warm start "
                     "for the first quarter of the steps) and compare the teacher-scored KL on each student's own "
                     "samples for held-out prompts")
+    ap.add_argument("--on_policy_from", choices=["init", "kd"], default="init",
+                    help="init: the on-policy student starts from the same initial weights as the others (warm start "
+                    "off-policy for the first quarter of its steps); kd: it starts from the KD student's export (a "
+                    "competent student) for half the student steps, against the KD student continued off-policy "
+                    "for the same steps from the same export")
     ap.add_argument("--reuse_teacher", action="store_true",
                     help="keep DIR's corpus and trained teacher from an earlier run (for tuning the students)")
     args = ap.parse_args(argv)
@@ -365,15 +376,24 @@ def main(argv=None) -> int:
     times["kd_student"] = train_run(out, "kd_student", "KD student", run_config(
         out, "kd_student", p, student=out / "init" / "student", steps=p["student_steps"], lr=p["student_lr"],
         alpha=p["alpha"], teacher=out / "teacher" / "final"))
+    students = [("CE student", "ce_student"), ("KD student", "kd_student")]
+    op_start, op_steps = out / "init" / "student", p["student_steps"]
+    if args.on_policy > 0 and args.on_policy_from == "kd":  # both arms continue the KD student's export
+        op_start, op_steps = out / "kd_student" / "final", p["student_steps"] // 2
+        times["kd_continued"] = train_run(out, "kd_continued", "KD student, continued", run_config(
+            out, "kd_continued", p, student=op_start, steps=op_steps, lr=p["student_lr"], alpha=p["alpha"],
+            teacher=out / "teacher" / "final"))
+        students.append(("KD student, continued", "kd_continued"))
     if args.on_policy > 0:
         times["op_student"] = train_run(out, "op_student", "on-policy student", run_config(
-            out, "op_student", p, student=out / "init" / "student", steps=p["student_steps"], lr=p["student_lr"],
+            out, "op_student", p, student=op_start, steps=op_steps, lr=p["student_lr"],
             alpha=1.0, teacher=out / "teacher" / "final",
-            on_policy=on_policy_settings(p, args.on_policy)))
+            on_policy=on_policy_settings(p, args.on_policy, 0 if args.on_policy_from == "kd" else op_steps // 4)))
+        students.append(("on-policy student", "op_student"))
     log("[4/4] held-out evaluation")
     t0 = time.time()
     res = final_eval(out, p)
-    own_kl = own_sample_kls(out, p) if args.on_policy > 0 else None
+    own_kl = own_sample_kls(out, p, students) if args.on_policy > 0 else None
     times["eval"] = time.time() - t0
     times["total"] = time.time() - t_start
 
@@ -396,8 +416,15 @@ def main(argv=None) -> int:
     if own_kl is not None:
         results["own_sample_kl"] = own_kl
         results["on_policy_ppl"] = own_kl["on-policy student"]["ppl"]
-        table += "\n" + (f"| on-policy student ({p['student_steps']} steps, lmbda {args.on_policy}, reverse KL, "
-                          f"warm start {p['student_steps'] // 4} steps) | {own_kl['on-policy student']['ppl']:.2f} |")
+        if args.on_policy_from == "kd":
+            results["kd_continued_ppl"] = _final_ppl(out / "kd_continued")
+            table += "\n" + (f"| KD student, continued ({op_steps} more steps, off-policy) | "
+                              f"{results['kd_continued_ppl']:.2f} |")
+            table += "\n" + (f"| on-policy student (the KD student + {op_steps} steps, lmbda {args.on_policy}, "
+                              f"reverse KL) | {own_kl['on-policy student']['ppl']:.2f} |")
+        else:
+            table += "\n" + (f"| on-policy student ({op_steps} steps, lmbda {args.on_policy}, reverse KL, "
+                              f"warm start {op_steps // 4} steps) | {own_kl['on-policy student']['ppl']:.2f} |")
         table += ("\n\n| model | teacher-scored KL on its own samples (held-out prompts) | mean completion |"
                   "\n|---|---|---|")
         for name, r in own_kl.items():
