@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import datetime
 import json
 import os
@@ -487,8 +488,6 @@ def build_student_engine(model: torch.nn.Module, ds_config: dict, *, warmup_step
                          min_lr_ratio: float):
     """The trained student: returns the DeepSpeed engine (AdamW and the warmup + cosine schedule inside; the
     scheduler's state is saved in DeepSpeed checkpoints)."""
-    import functools
-
     if _zero3(ds_config):
         mark_moe_leaves(model)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -517,7 +516,22 @@ def checkpoint_allowed_globals() -> list:
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
 
-    return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
+    enums = (ZeroStageEnum,)
+    # Python 3.11.0-3.11.4 (Debian 12's 3.11.2 among them) pickle an Enum member as getattr(EnumClass, "NAME"); the
+    # name `builtins.getattr` then stands for enum_member_by_name, which rebuilds a member of these enums only
+    return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address,
+            (functools.partial(enum_member_by_name, enums), "builtins.getattr")]
+
+
+def enum_member_by_name(allowed: tuple, cls, name):
+    """`getattr(cls, name)` as an Enum member's pickle uses it, for the allowed enum classes and their member names
+    only: anything else (another class, an attribute that is not a member) is refused before it runs."""
+    import pickle
+
+    if cls in allowed and isinstance(name, str) and name in cls.__members__:
+        return cls[name]
+    raise pickle.UnpicklingError(f"Unsupported global: getattr({getattr(cls, '__name__', type(cls).__name__)}, "
+                                 f"{name!r}) is not a member of an allowed enum")
 
 
 def load_checkpoint_file(path: str, map_location=None):

@@ -353,6 +353,39 @@ def test_our_code_never_unpickles():
     assert not offenders, offenders
 
 
+class _ByName:
+    """Pickles as `getattr(target, name)`: how Python 3.11.0-3.11.4 (Debian 12's 3.11.2) pickle an Enum member, and
+    how a hostile file could reach any attribute of an allowed class."""
+
+    def __init__(self, target, name: str):
+        self.target, self.name = target, name
+
+    def __reduce__(self):
+        return (getattr, (self.target, self.name))
+
+
+def test_checkpoint_loader_takes_enum_members_by_name_and_nothing_else(tmp_path):
+    """DeepSpeed's optimizer states hold a ZeroStageEnum member; under Python 3.11.2 its pickle says getattr(
+    ZeroStageEnum, 'weights'), which torch's weights-only loader refuses (every resume failed there). The loader
+    rebuilds exactly the members of DeepSpeed's allowed enums; getattr of anything else is still refused."""
+    import torch
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    from ds_distill import engines
+
+    good = tmp_path / "enum.pt"
+    torch.save({"zero_stage": _ByName(ZeroStageEnum, "weights"), "w": torch.ones(2)}, good)
+    loaded = engines.load_checkpoint_file(str(good))
+    assert loaded["zero_stage"] is ZeroStageEnum.weights and torch.equal(loaded["w"], torch.ones(2))
+    for target, name in ((ZeroStageEnum, "__class__"), (ZeroStageEnum, "_missing_"), (torch.Tensor, "add_"),
+                         (subprocess.Popen, "__init__")):
+        bad = tmp_path / "bad.pt"
+        torch.save({"x": _ByName(target, name)}, bad)
+        with pytest.raises(engines.CheckpointFileError) as e:
+            engines.load_checkpoint_file(str(bad))
+        assert e.value.refused, (target, name, e.value.reason)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The disk fills up during a checkpoint
 # ----------------------------------------------------------------------------------------------------------------
