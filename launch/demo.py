@@ -300,7 +300,7 @@ def _final_ppl(run_dir: Path) -> float:
 
 # everything the demo writes at the top of --out
 DEMO_NAMES = ("data", "tokenizer", "init", "teacher", "ce_student", "kd_student", "op_student", "kd_continued",
-              "logs", "eval", "corpus.json", "results.json", "results.md")
+              "rkl_continued", "logs", "eval", "corpus.json", "results.json", "results.md")
 MARKER = ".ds_distill_demo"
 
 
@@ -339,7 +339,7 @@ def main(argv=None) -> int:
                     help="init: the on-policy student starts from the same initial weights as the others (warm start "
                     "off-policy for the first quarter of its steps); kd: it starts from the KD student's export (a "
                     "competent student) for half the student steps, against the KD student continued off-policy "
-                    "for the same steps from the same export")
+                    "for the same steps from the same export, with the KD loss and with the on-policy arm's loss")
     ap.add_argument("--reuse_teacher", action="store_true",
                     help="keep DIR's corpus and trained teacher from an earlier run (for tuning the students)")
     args = ap.parse_args(argv)
@@ -384,6 +384,11 @@ def main(argv=None) -> int:
             out, "kd_continued", p, student=op_start, steps=op_steps, lr=p["student_lr"], alpha=p["alpha"],
             teacher=out / "teacher" / "final"))
         students.append(("KD student, continued", "kd_continued"))
+        # the control for the loss: the on-policy arm's own loss (reverse KL, T 1, alpha 1) on the data only
+        times["rkl_continued"] = train_run(out, "rkl_continued", "KD student, continued with reverse KL", run_config(
+            out, "rkl_continued", p, student=op_start, steps=op_steps, lr=p["student_lr"], alpha=1.0,
+            teacher=out / "teacher" / "final", on_policy=on_policy_settings(p, 0.0, 0)))
+        students.append(("KD student, continued with reverse KL", "rkl_continued"))
     if args.on_policy > 0:
         times["op_student"] = train_run(out, "op_student", "on-policy student", run_config(
             out, "op_student", p, student=op_start, steps=op_steps, lr=p["student_lr"],
@@ -418,8 +423,11 @@ def main(argv=None) -> int:
         results["on_policy_ppl"] = own_kl["on-policy student"]["ppl"]
         if args.on_policy_from == "kd":
             results["kd_continued_ppl"] = _final_ppl(out / "kd_continued")
+            results["rkl_continued_ppl"] = _final_ppl(out / "rkl_continued")
             table += "\n" + (f"| KD student, continued ({op_steps} more steps, off-policy) | "
                               f"{results['kd_continued_ppl']:.2f} |")
+            table += "\n" + (f"| KD student, continued with the on-policy arm's loss ({op_steps} more steps, "
+                              f"off-policy, reverse KL, T 1) | {results['rkl_continued_ppl']:.2f} |")
             table += "\n" + (f"| on-policy student (the KD student + {op_steps} steps, lmbda {args.on_policy}, "
                               f"reverse KL) | {own_kl['on-policy student']['ppl']:.2f} |")
         else:
