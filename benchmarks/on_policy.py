@@ -14,10 +14,12 @@ disabled, so every path does the same work):
   reference    plain HF `generate` of the student loaded unsharded from its directory, no ZeRO, no collectives
                (run on every rank at once, so each rank has the same share of the machine as in the other rows)
 
-and one on-policy train_step (lmbda 1) split into generation and the rest (teacher + student forward/backward).
+and one on-policy train_step (lmbda 1) split into generation, the teacher (its source's side: forward and head
+gather, timed around the context's entry) and the rest (student forward + backward + optimizer step).
 Prints a markdown table of tokens/s per rank (the slowest rank's time) and the ratios for docs/BENCHMARKS.md.
 """
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -117,9 +119,22 @@ def main():
             "engine loop (per-token gathers)": timed(lambda: engine.generate(prompts, 1), a.repeats),
             "naive HF generate through the engine": timed(naive, 1),
             "reference: plain HF generate, unsharded": timed(reference, a.repeats)}
-    # one on-policy train_step: generation vs the rest (teacher forward, student forward + backward, step)
-    step_s, gen_s = [], []
+    # one on-policy train_step: generation, teacher (its side's entry: forward + head gather), student + optimizer
+    step_s, gen_s, teacher_s = [], [], []
+    side = run.teacher.side
+
+    @contextlib.contextmanager
+    def timed_side(batch, payload, dev_):
+        t0 = time.perf_counter()
+        with side(batch, payload, dev_) as kwargs:
+            if dev_.type == "cuda":
+                torch.cuda.synchronize(dev_)
+            teacher_s[-1] += time.perf_counter() - t0
+            yield kwargs
+
+    run.teacher.side = timed_side
     for _ in range(2):
+        teacher_s.append(0.0)
         t0 = time.perf_counter()
         sums = trainer.train_step(run, [next(run.stream)])
         run.state.step += 1
@@ -139,10 +154,13 @@ def main():
             result[name] = {"seconds": s, "tokens_per_s": tps}
             print(f"| {name} | {s:.3f} | {tps:.1f} | {tps / naive_tps:.2f} | {tps / ref:.2f} |")
         print(f"\ngathered: the refresh from the shards took {sync_s:.3f} s of it")
-        print(f"on-policy train_step (second of two, lmbda 1): {step_s[-1]:.2f} s, generation {gen_s[-1]:.2f} s "
-              f"({gen_s[-1] / step_s[-1]:.0%}), teacher + student + optimizer {step_s[-1] - gen_s[-1]:.2f} s")
+        st, g, t = step_s[-1], gen_s[-1], teacher_s[-1]
+        print(f"on-policy train_step (second of two, lmbda 1, rank 0): {st:.2f} s = generation {g:.2f} s "
+              f"({g / st:.0%}) + teacher {t:.2f} s ({t / st:.0%}) + student forward/backward/step {st - g - t:.2f} s "
+              f"({(st - g - t) / st:.0%})")
         with open(os.path.join(out, "result.json"), "w") as f:
-            json.dump({"rows": result, "sync_s": sync_s, "step_s": step_s, "gen_s": gen_s, "args": vars(a)}, f)
+            json.dump({"rows": result, "sync_s": sync_s, "step_s": step_s, "gen_s": gen_s, "teacher_s": teacher_s,
+                       "args": vars(a)}, f)
     engines.barrier()
     engines.shutdown()
 
