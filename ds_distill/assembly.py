@@ -19,10 +19,11 @@ from .errors import DistillError, ModelError
 
 def start(cfg: DistillConfig, *, check_world: bool = True) -> tuple[int, int]:
     """Check the device, start the process group (its timeout above the watchdog's), validate the config (with the
-    world size when `check_world`: batch and rank checks). Returns (rank, world size)."""
+    world size when `check_world`: batch and rank checks; with train.precision resolved for this device).
+    Returns (rank, world size)."""
     engines.check_device(cfg.train.device)  # before the process group: a silent CPU fallback would pick gloo
     rank, world, _ = engines.init_distributed(guards.process_group_timeout(cfg.train.watchdog_timeout_s))
-    validate(cfg, world if check_world else None)
+    validate(cfg, world if check_world else None, precision=engines.resolve_precision(cfg.train.precision))
     return rank, world
 
 

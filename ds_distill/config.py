@@ -495,11 +495,12 @@ def validate_server(cfg: "DistillConfig") -> list[str]:
     return p
 
 
-def validate(cfg: DistillConfig, world_size: Optional[int] = None) -> None:
+def validate(cfg: DistillConfig, world_size: Optional[int] = None, precision: Optional[str] = None) -> None:
     """Check the config's semantics in one pass; raise one ConfigError naming every bad key and its fix (every
-    section's problems at once, as 'key: what -> fix' lines). `world_size`: the launched ranks, when known."""
+    section's problems at once, as 'key: what -> fix' lines). `world_size`: the launched ranks, when known;
+    `precision`: train.precision resolved for this device (auto -> fp32 / bf16 / fp16), when known."""
     p = (_models_and_teacher_problems(cfg) + _loss_problems(cfg) + _data_problems(cfg)
-         + _train_problems(cfg, world_size) + _checkpoint_and_eval_problems(cfg) + _lora_problems(cfg)
+         + _train_problems(cfg, world_size, precision) + _checkpoint_and_eval_problems(cfg) + _lora_problems(cfg)
          + validate_on_policy(cfg) + _path_problems(cfg))
     if p:
         raise ConfigError(p)
@@ -579,7 +580,7 @@ def _data_problems(cfg: DistillConfig) -> list[str]:
     return p
 
 
-def _train_problems(cfg: DistillConfig, world_size: Optional[int]) -> list[str]:
+def _train_problems(cfg: DistillConfig, world_size: Optional[int], precision: Optional[str] = None) -> list[str]:
     p: list[str] = []
     T = cfg.train
     if T.zero_hpz_partition_size < 1 or (T.zero_hpz_partition_size > 1 and T.zero_stage != 3):
@@ -588,7 +589,7 @@ def _train_problems(cfg: DistillConfig, world_size: Optional[int]) -> list[str]:
     if world_size is not None and T.zero_hpz_partition_size > 1 and world_size % T.zero_hpz_partition_size:
         p.append(f"train.zero_hpz_partition_size: {T.zero_hpz_partition_size} does not divide the world size "
                  f"({world_size}) -> use the GPUs per node")
-    if T.nonfinite == "skip" and T.zero_stage == 0 and T.precision == "fp32":  # (auto: checked once resolved)
+    if T.nonfinite == "skip" and T.zero_stage == 0 and (precision or T.precision) == "fp32":
         p.append("train.nonfinite: 'skip' needs an optimizer that discards non-finite updates; ZeRO-0 in fp32 has "
                  "none -> use train.zero_stage >= 1, or train.nonfinite: abort")
     for key, v in (("train.micro_batch_size", T.micro_batch_size), ("train.grad_accum_steps", T.grad_accum_steps),

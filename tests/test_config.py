@@ -83,6 +83,17 @@ def test_validate_names_each_key(base_yaml, override, key):
     assert "->" in str(e.value) or " must " in str(e.value)  # says how to fix it
 
 
+def test_nonfinite_skip_checked_with_the_resolved_precision(base_yaml):
+    """train.precision auto resolves to fp32 on CPU: nonfinite skip with ZeRO-0 is refused in the validation pass
+    (assembly.start passes the resolved precision), not only once the engine exists."""
+    cfg = parse_config(["--config", base_yaml, "--train.nonfinite", "skip", "--train.zero_stage", "0",
+                        "--train.precision", "auto"])
+    validate(cfg, world_size=2)  # unresolved: cannot tell yet
+    with pytest.raises(ConfigError, match="train.nonfinite"):
+        validate(cfg, world_size=2, precision="fp32")
+    validate(cfg, world_size=2, precision="bf16")  # not refused here: the engine's optimizer decides (guards.py)
+
+
 def test_validate_reports_every_problem_at_once(base_yaml):
     cfg = parse_config(["--config", base_yaml, "--loss.alpha", "2", "--loss.temperature", "-1",
                         "--loss.chunk_size", "0"])
