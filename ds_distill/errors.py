@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 import traceback
+from typing import Callable, Optional
 
 
 
@@ -41,6 +42,39 @@ class ModelError(DistillError):
 class NonFiniteError(DistillError):
     """A non-finite loss or gradient norm was seen; the weights of the last good step were kept."""
     shared = True  # decided by one all-reduce
+
+
+def run_collective(body: Callable[[], int], on_error: Callable[["DistillError"], int],
+                   shutdown: Optional[Callable[..., None]] = None,
+                   on_other: Optional[Callable[[Exception], Optional[int]]] = None) -> int:
+    """An entry point's work on the process group, and the group's end however the work ends (`shutdown`:
+    engines.shutdown; None when no group was started). Returns body()'s code (0: a clean end with the closing
+    barrier), or on_error's for a DistillError (the barrier only when every rank raised it together:
+    DistillError.shared), or on_other's for another exception when it gives a code (else the exception goes on).
+    After any failure but a shared error there is no closing barrier: a peer may be dead or in another collective."""
+    failed, intact = True, False
+    try:
+        code = body()
+        failed = code != 0
+        return code
+    except DistillError as e:
+        intact = e.shared
+        return on_error(e)
+    except Exception as e:
+        code = on_other(e) if on_other is not None else None
+        if code is None:
+            raise
+        return code
+    finally:
+        if shutdown is not None:
+            shutdown(failed=failed, group_intact=intact)
+
+
+def rank_error(e: "DistillError", rank: Optional[int] = None) -> int:
+    """Print `e` as this rank's error (every rank prints its own) and return exit code 2."""
+    rank = int(os.environ.get("RANK", "0")) if rank is None else rank
+    print(f"[ds_distill] error (rank {rank}): {e}", file=sys.stderr, flush=True)
+    return 2
 
 
 def exit_process(code: int) -> None:

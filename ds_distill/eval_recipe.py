@@ -19,7 +19,7 @@ import torch
 
 from . import data, evaluate, models, tasks, vocab
 from .config import TasksConfig, validate_tasks
-from .errors import ConfigError, DistillError
+from .errors import ConfigError, rank_error, run_collective
 
 USAGE = """Held-out evaluation of one or more students against a teacher: perplexities, KL(teacher || student), top-1
 agreement (token-weighted over the trained tokens), as JSON and a markdown table; optionally generations side by side.
@@ -227,9 +227,8 @@ def _write_outputs(args, *, results, task_results, columns, world, precision, se
 def main(argv=None) -> int:
     args = parse_args(argv)
     engines, rank, world, device = _start(args)
-    failed = True  # no closing barrier after an error (a peer may be dead or in another collective)
-    intact = False  # an error every rank raised together: the group can still end cleanly
-    try:
+
+    def body() -> int:
         t0 = time.time()
         precision = args.dtype if args.dtype != "auto" else ("fp32" if device.type == "cpu" else "bf16")
         tokenizer, ds = _checked_inputs(args)
@@ -251,12 +250,6 @@ def main(argv=None) -> int:
             _write_outputs(args, results=results, task_results=task_results, columns=columns, world=world,
                            precision=precision, seconds=time.time() - t0, tokenizer=tokenizer, ds=ds,
                            device=device)
-        failed = False
         return 0
-    except DistillError as e:
-        intact = e.shared
-        print(f"[ds_distill] error (rank {rank}): {e}", file=sys.stderr, flush=True)
-        return 2
-    finally:
-        if engines is not None:
-            engines.shutdown(failed=failed, group_intact=intact)
+
+    return run_collective(body, lambda e: rank_error(e, rank), engines.shutdown if engines is not None else None)

@@ -18,7 +18,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
 from ds_distill.config import parse_config  # noqa: E402
-from ds_distill.errors import DistillError, run_main  # noqa: E402
+from ds_distill.errors import rank_error, run_collective, run_main  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -37,20 +37,13 @@ def main(argv=None) -> int:
     args, rest = ap.parse_known_args(argv)
     from ds_distill import cache_writer, engines  # deepspeed is imported only once the arguments parse
 
-    failed = True  # no closing barrier after an error: a peer may be dead or in another collective
-    intact = False  # an error every rank raised together: the group can still end cleanly
-    try:
+    def body() -> int:
         cfg = parse_config(rest)
         cache_writer.write_cache(cfg, args.cache_dir, top_k=args.top_k or cfg.loss.top_k, dtype=args.dtype,
                                  micro_batch_size=args.micro_batch_size, shard_positions=args.shard_positions)
-        failed = False
         return 0
-    except DistillError as e:
-        intact = e.shared
-        print(f"[ds_distill] error (rank {os.environ.get('RANK', '0')}): {e}", file=sys.stderr, flush=True)
-        return 2
-    finally:
-        engines.shutdown(failed=failed, group_intact=intact)
+
+    return run_collective(body, rank_error, engines.shutdown)
 
 
 if __name__ == "__main__":

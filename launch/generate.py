@@ -14,7 +14,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
 from ds_distill.config import parse_config  # noqa: E402
-from ds_distill.errors import DistillError, run_main  # noqa: E402
+from ds_distill.errors import rank_error, run_collective, run_main  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -29,21 +29,13 @@ def main(argv=None) -> int:
     args, rest = ap.parse_known_args(argv)
     from ds_distill import engines, seqkd  # deepspeed is imported only once the arguments parse
 
-    failed = True
-    intact = False  # an error every rank raised together: the group can still end cleanly
-    try:
-        cfg = parse_config(rest)
-        result = seqkd.generate_dataset(cfg, args.out)
+    def body() -> int:
+        result = seqkd.generate_dataset(parse_config(rest), args.out)
         if os.environ.get("RANK", "0") == "0":
             print(f"[ds_distill] wrote {args.out}: {result['rows']} rows", flush=True)
-        failed = False
         return 0
-    except DistillError as e:
-        intact = e.shared
-        print(f"[ds_distill] error (rank {os.environ.get('RANK', '0')}): {e}", file=sys.stderr, flush=True)
-        return 2
-    finally:
-        engines.shutdown(failed=failed, group_intact=intact)
+
+    return run_collective(body, rank_error, engines.shutdown)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
 from ds_distill.config import parse_config  # noqa: E402
-from ds_distill.errors import DistillError, run_main  # noqa: E402
+from ds_distill.errors import DistillError, run_collective, run_main  # noqa: E402
 
 
 def _rank_tag() -> str:
@@ -45,23 +45,14 @@ def main(argv=None) -> int:
         return _fail(e)
     from ds_distill import engines, trainer
 
-    failed = True  # any exit but a clean return: no closing barrier (a peer may be dead or stuck elsewhere)
-    intact = False  # an error every rank raised together (DistillError.shared): the group can still end cleanly
-    try:
-        code = trainer.main(cfg)
-        failed = code != 0
-        return code
-    except DistillError as e:
-        intact = getattr(e, "shared", False)
-        return _fail(e)
-    except Exception as e:
+    def peer_failed(e: Exception):
         if engines.is_peer_failure(e):  # a collective broke because another rank stopped: its error is above
             print(f"[ds_distill] {_rank_tag()}stopped: another rank failed ({str(e).strip().splitlines()[0]}) -> "
                   "see that rank's error above", file=sys.stderr, flush=True)
             return 1
-        raise
-    finally:
-        engines.shutdown(failed=failed, group_intact=intact)
+        return None
+
+    return run_collective(lambda: trainer.main(cfg), _fail, engines.shutdown, peer_failed)
 
 
 if __name__ == "__main__":

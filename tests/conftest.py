@@ -91,6 +91,17 @@ def run_deepspeed(script: str, args: list[str], nprocs: int = 2, timeout: int = 
     return subprocess.run(cmd, cwd=cwd, env=e, capture_output=True, text=True, timeout=timeout)
 
 
+def run_single_rank(script, args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
+    """`python script args` as one rank without a launcher (no RANK / WORLD_SIZE / LOCAL_RANK, a free port);
+    returns the completed process."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(free_port()), "WANDB_SILENT": "true",
+           "PYTHONUNBUFFERED": "1"}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        env.pop(k, None)
+    return subprocess.run([sys.executable, str(script), *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
 def read_jsonl(path) -> list[dict]:
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]

@@ -25,7 +25,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, assert_ok, free_port, read_jsonl, tiny_config
+from conftest import ROOT, assert_ok, free_port, read_jsonl, run_single_rank, tiny_config
 
 pytestmark = pytest.mark.multirank  # real DeepSpeed engines, several processes
 
@@ -96,13 +96,7 @@ def test_served_teacher_equals_cache_retries_and_stops(tiny_assets, tmp_path):
             },
         }
         (tmp_path / "spec.json").write_text(json.dumps(spec))
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(free_port()), "WANDB_SILENT": "true",
-               "PYTHONUNBUFFERED": "1"}
-        for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
-            env.pop(k, None)
-        proc = subprocess.run([sys.executable, str(ROOT / "tests" / "scripts" / "served_teacher_driver.py"),
-                               str(tmp_path / "spec.json")], cwd=ROOT, env=env, capture_output=True, text=True,
-                              timeout=600)
+        proc = run_single_rank(ROOT / "tests" / "scripts" / "served_teacher_driver.py", [str(tmp_path / "spec.json")])
         assert_ok(proc)
         res = json.loads((tmp_path / "driver.json").read_text())
         runs = res["runs"]

@@ -19,16 +19,13 @@ One multi-rank test, three process starts (2-rank writer killed mid-run, 2-rank 
 """
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import ROOT, assert_ok, free_port, read_jsonl, run_deepspeed, tiny_config, write_yaml
+from conftest import ROOT, assert_ok, read_jsonl, run_deepspeed, run_single_rank, tiny_config, write_yaml
 
 pytestmark = pytest.mark.multirank
 
@@ -148,13 +145,7 @@ def test_cache_write_resume_train_and_refuse(tiny_assets, tmp_path):
         },
     }
     (tmp_path / "spec.json").write_text(json.dumps(spec))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(free_port()), "WANDB_SILENT": "true",
-           "PYTHONUNBUFFERED": "1"}
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
-        env.pop(k, None)
-    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "scripts" / "teacher_cache_driver.py"),
-                           str(tmp_path / "spec.json")], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=600)
+    proc = run_single_rank(ROOT / "tests" / "scripts" / "teacher_cache_driver.py", [str(tmp_path / "spec.json")])
     assert_ok(proc)
     res = json.loads((tmp_path / "driver.json").read_text())
     assert all(r["code"] == 0 for r in res["runs"].values()), res
