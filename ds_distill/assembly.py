@@ -88,10 +88,16 @@ def declared_vocab_size(cfg: DistillConfig, tokenizer) -> Optional[int]:
                          f"config.json), tokenizer_path '{cfg.resolved_tokenizer_path}': {e}") from None
 
 
-def datasets(cfg: DistillConfig, tokenizer):
-    """(train, eval or None): tokenised, labelled, with stable sample ids (data.build_dataset)."""
+def train_dataset(cfg: DistillConfig, tokenizer):
+    """data.train_files tokenised, labelled, with stable sample ids (data.build_dataset)."""
     d = cfg.data
-    train = data.build_dataset(d.train_files, d.format, tokenizer, d.max_length, d.text_field)
+    return data.build_dataset(d.train_files, d.format, tokenizer, d.max_length, d.text_field)
+
+
+def datasets(cfg: DistillConfig, tokenizer):
+    """(train, eval or None): train_dataset and data.eval_files the same way."""
+    d = cfg.data
+    train = train_dataset(cfg, tokenizer)
     held_out = data.build_dataset(d.eval_files, d.format, tokenizer, d.max_length, d.text_field) \
         if d.eval_files else None
     return train, held_out
@@ -108,6 +114,16 @@ def teacher_sharding(cfg: DistillConfig, dtype: torch.dtype) -> str:
     size = planner.read_arch(cfg.teacher.path, cfg.teacher.trust_remote_code).params * dtype.itemsize if memory \
         else 0
     return planner.auto_teacher_sharding(size, memory, offload_params=cfg.teacher.offload_params)
+
+
+def micro_batch_stream(cfg: DistillConfig, train_ds, tokenizer, *, rank: int, world: int,
+                       samples_consumed: int = 0) -> data.MicroBatchStream:
+    """Rank `rank`'s micro-batch stream of the training data (train.micro_batch_size, train.seed, packing): the
+    trainer's, and the one a separate teacher rank rebuilds for each student it serves."""
+    d, T = cfg.data, cfg.train
+    return data.MicroBatchStream(train_ds, rank=rank, world_size=world, micro_batch_size=T.micro_batch_size,
+                                 seed=T.seed, pad_token_id=tokenizer.pad_token_id, samples_consumed=samples_consumed,
+                                 pack_capacity=(d.pack_length or 2 * d.max_length) if d.packing else 0)
 
 
 def load_teacher_model(cfg: DistillConfig, dtype: torch.dtype):

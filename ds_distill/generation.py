@@ -201,27 +201,10 @@ class ReplicaGenerator:
 
 class PlainGenerator:
     """A model already whole on this rank, sampled directly in eval mode (no dropout), no collective: the replicated
-    teacher (teacher.sharding: replicate) or a student below ZeRO stage 3 (its weights are whole on every rank)."""
+    teacher (teacher.sharding: replicate) or a student below ZeRO stage 3 (its weights are whole on every rank).
+    `after` runs once after sampling."""
 
-    def __init__(self, model: torch.nn.Module, settings: SamplingSettings, dev: torch.device):
-        self.model, self.settings, self.dev = model, settings, dev
-
-    def sync(self) -> None:
-        pass
-
-    def generate(self, prompts: list[list[int]], seed: int) -> tuple[list[list[int]], int]:
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            return sample(self.model, prompts, self.settings, seed, self.dev)
-        finally:
-            self.model.train(was_training)
-
-
-class EngineGenerator:
-    """Sampling through the ZeRO-3 student (`model`: the HF model under the engine's hooks), every layer gathered
-    for every token; every rank runs max_new_tokens decode forwards. `after` runs once after sampling (the engine
-    forgets the trace of these forwards: engines.forget_forward_trace)."""
+    run_to_max = False  # every rank runs max_new_tokens decode forwards (needed when sampling makes collectives)
 
     def __init__(self, model: torch.nn.Module, settings: SamplingSettings, dev: torch.device,
                  after: Optional[Callable[[], None]] = None):
@@ -234,11 +217,19 @@ class EngineGenerator:
         was_training = self.model.training
         self.model.eval()
         try:
-            return sample(self.model, prompts, self.settings, seed, self.dev, run_to_max=True)
+            return sample(self.model, prompts, self.settings, seed, self.dev, run_to_max=self.run_to_max)
         finally:
             self.model.train(was_training)
             if self.after is not None:
                 self.after()
+
+
+class EngineGenerator(PlainGenerator):
+    """Sampling through the ZeRO-3 student (`model`: the HF model under the engine's hooks), every layer gathered
+    for every token; every rank runs max_new_tokens decode forwards. `after` runs once after sampling (the engine
+    forgets the trace of these forwards: engines.forget_forward_trace)."""
+
+    run_to_max = True
 
 
 def prompt_lengths(mb: dict, fmt: str, prompt_length: int) -> list[int]:

@@ -60,7 +60,7 @@ def generate_dataset(cfg: DistillConfig, out: str) -> dict:
     dtype = engines.torch_dtype(engines.resolve_precision(cfg.train.precision))
     assembly.check_model_dirs(cfg)  # the same build functions as training (assembly.py)
     tokenizer = assembly.checked_tokenizer(cfg)
-    dataset, _ = assembly.datasets(cfg, tokenizer)
+    dataset = assembly.train_dataset(cfg, tokenizer)
     teacher = assembly.load_teacher_model(cfg, dtype).to(dev).eval()
     op = cfg.on_policy
     settings = generation.SamplingSettings(

@@ -301,8 +301,7 @@ class _TeacherRank:
         self.tag = f"teacher rank {pl.global_rank} (teacher {self.rank}/{K}, serving student ranks {self.served})"
         assembly.check_model_dirs(cfg)
         self.tokenizer = assembly.checked_tokenizer(cfg)
-        self.train_ds = data.build_dataset(cfg.data.train_files, cfg.data.format, self.tokenizer,
-                                           cfg.data.max_length, cfg.data.text_field)
+        self.train_ds = assembly.train_dataset(cfg, self.tokenizer)
         self.sharding = engines.broadcast_object(
             assembly.teacher_sharding(cfg, engines.torch_dtype(precision)) if self.rank == 0 else None)
         self.engine, _ = assembly.teacher_engine(cfg, sharding=self.sharding, world=K, precision=precision,
@@ -323,11 +322,8 @@ class _TeacherRank:
 
     def stream(self, student: int) -> data.MicroBatchStream:
         """The micro-batch stream of student rank `student`, as that rank builds it."""
-        cfg, T = self.cfg, self.cfg.train
-        pack = (cfg.data.pack_length or 2 * cfg.data.max_length) if cfg.data.packing else 0
-        return data.MicroBatchStream(self.train_ds, rank=student, world_size=self.pl.students,
-                                     micro_batch_size=T.micro_batch_size, seed=T.seed,
-                                     pad_token_id=self.tokenizer.pad_token_id, pack_capacity=pack)
+        return assembly.micro_batch_stream(self.cfg, self.train_ds, self.tokenizer, rank=student,
+                                           world=self.pl.students)
 
     def send_head(self, probe_positions: int, probe_tolerance: float) -> None:
         """Probe the teacher's head against its own forward, then send it whole (gathered: collective over the

@@ -385,11 +385,8 @@ def build(cfg: DistillConfig) -> Run:
     # --- resume
     state, resume_from, notices = resume_state(cfg, student_engine, rank=rank, world=world,
                                                overwrite=overwrite)
-    stream = data.MicroBatchStream(train_ds, rank=rank, world_size=world, micro_batch_size=T.micro_batch_size,
-                                   seed=T.seed, pad_token_id=tokenizer.pad_token_id,
-                                   samples_consumed=state.samples_consumed,
-                                   pack_capacity=(cfg.data.pack_length or 2 * cfg.data.max_length)
-                                   if cfg.data.packing else 0)
+    stream = assembly.micro_batch_stream(cfg, train_ds, tokenizer, rank=rank, world=world,
+                                         samples_consumed=state.samples_consumed)
     if state.data_state:
         stream.load_state_dict(state.data_state)  # same seed, rows and world size, or a DataError
     if isinstance(source, teacher_apart.ApartTeacher):  # the teacher ranks read the same rows from here on
@@ -599,6 +596,13 @@ def save_checkpoint(run: Run, rng: Optional[dict] = None) -> str:
                            before_complete=faults.in_checkpoint)
 
 
+def save_abandoning_step(run: Run, pos_before: int, rng_before: dict) -> str:
+    """Collective: checkpoint of the last completed step when the current one is abandoned: the stream rewound to
+    its position before this step's micro-batches, the RNG as it was then."""
+    run.stream.samples_consumed = pos_before
+    return save_checkpoint(run, rng=rng_before)
+
+
 def export(run: Run) -> str:
     """Gather the student from ZeRO shards and write output_dir/final as a plain HF model (rank 0).
 
@@ -799,15 +803,13 @@ def train(run: Run, tracker: Tracker, watchdog: Optional[guards.Watchdog] = None
             sums = train_step(run, micro_batches, guard=guard, before_step=None if guard.discards else
                               lambda _: guard.check_grads(eng.module.parameters()))
         except served_teacher.TeacherUnavailable as e:  # raised on every rank before any forward of this step:
-            run.stream.samples_consumed = pos_before  # the weights are the last step's; keep them
-            path = save_checkpoint(run, rng=rng_before)
+            path = save_abandoning_step(run, pos_before, rng_before)  # the weights are the last step's; keep them
             raise served_teacher.TeacherUnavailable(f"{e}. The last completed step {run.state.step} is saved in "
                                                     f"{path}") from None
         try:
             skipped = guard.after_step(eng.was_step_applied(), fp16=eng.fp16_enabled())
         except NonFiniteError as e:  # the weights are still those of step - 1: checkpoint them, then stop
-            run.stream.samples_consumed = pos_before
-            path = save_checkpoint(run, rng=rng_before)
+            path = save_abandoning_step(run, pos_before, rng_before)
             raise NonFiniteError(f"{e}. The weights of the last good step {run.state.step} are saved in {path}") \
                 from None
         run.state.step = step
